@@ -1,0 +1,293 @@
+"""Memory-bounded driver for the dense losses, and the name registry the trainer picks from.
+
+A dense loss needs both models' logits over the whole vocabulary. At V = 150k and 4 x 512
+tokens one [N, V] float32 logits tensor is 1.2 GB, and autograd keeps several per model
+(logits, log-probs, probabilities). The driver never builds them for all N at once: it works
+on the final hidden states and the lm_head weights and, per chunk of C tokens,
+
+    z_S = h_S[c] W_S^T      (grad)        z_T = h_T[c] W_T^T      (no grad)
+    s_c = loss_fn(z_S, z_T, reduction="sum")
+
+and returns sum_c s_c / N_valid, which equals the unchunked token-mean exactly (up to float
+summation order). Each chunk runs under `torch.utils.checkpoint` (non-reentrant): the forward
+keeps only the chunk's hidden states, and the backward recomputes one chunk's logits at a
+time, so peak memory is O(C * V) whatever N is. The price is one extra pair of matmuls and
+one extra loss forward per chunk in the backward (the teacher's logits are recomputed too,
+under no_grad).
+
+Sizing: forward + backward peaks at about 8 (reverse / forward / mix KL) to 11 (JSD) float32
+[C, V] tensors. Measured on CPU at V = 150k, N = 2048, H = 64, reverse KL: +600 MB at C = 128,
++1.1 GB at C = 256, +2.1 GB at C = 512 (the default, sized for GPUs); unchunked, an
+estimated ~10 GB (8 x 1.2 GB). Pick C from the memory budget: C ~ budget / (8 * 4 bytes * V).
+
+What it does not do: lm_head biases and final-logit soft-capping (Gemma-2's tanh cap) are
+not applied; models that have them need their logits adapted before a loss sees them.
+Student and teacher heads may differ in hidden size H but must share the vocabulary V
+(pad or slice a head to a common vocabulary before calling).
+
+Registry: `DENSE_LOSSES[kind]` for `loss.kind` in {"full_forward", "full_reverse", "jsd",
+"mix", "topk"}; every entry has the signature
+`fn(student_logits_BTV, teacher_logits_BTV, mask_BT, *, <options>, reduction="mean")`.
+`dense_loss(kind, ...)` calls one on in-memory logits, `chunked_dense_loss` accepts either a
+kind or a callable as `loss_fn`.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+from uniopd.algo.losses.dense import forward_kl, generalized_jsd, mixed_kl, reverse_kl, upcast
+from uniopd.algo.losses.topk import topk_kl
+
+__all__ = [
+    "DENSE_LOSSES",
+    "chunked_dense_loss",
+    "chunked_token_logprobs",
+    "dense_loss",
+    "iter_logit_chunks",
+    "resolve_dense_loss",
+]
+
+LossFn = Callable[..., Tensor]
+
+DENSE_LOSSES: dict[str, LossFn] = {
+    "full_forward": forward_kl,  # KL(T || S); options: temperature
+    "full_reverse": reverse_kl,  # KL(S || T); options: temperature
+    "jsd": generalized_jsd,  # options: beta, temperature
+    "mix": mixed_kl,  # options: forward_weight, temperature
+    "topk": topk_kl,  # options: k, source, renormalize, tail, direction, temperature
+}
+
+
+def resolve_dense_loss(loss: str | LossFn) -> LossFn:
+    """A registered kind name -> its function; a callable is returned unchanged."""
+    if callable(loss):
+        return loss
+    try:
+        return DENSE_LOSSES[loss]
+    except KeyError:
+        raise ValueError(
+            f"unknown dense loss kind {loss!r}; expected one of {sorted(DENSE_LOSSES)}"
+        ) from None
+
+
+def dense_loss(
+    kind: str, student_logits_BTV: Tensor, teacher_logits_BTV: Tensor, mask_BT: Tensor, **opts
+) -> Tensor:
+    """Call the dense loss registered as `kind` on in-memory [B, T, V] logits.
+
+    Args:
+        kind: a key of DENSE_LOSSES.
+        student_logits_BTV, teacher_logits_BTV: [B, T, V].
+        mask_BT: [B, T] bool.
+        **opts: the loss's keyword options (and `reduction`).
+
+    Returns:
+        Scalar token-mean (by default).
+    """
+    return resolve_dense_loss(kind)(student_logits_BTV, teacher_logits_BTV, mask_BT, **opts)
+
+
+def _check_driver_inputs(
+    student_hidden_NH: Tensor,
+    student_head_VH: Tensor,
+    teacher_hidden_NH: Tensor,
+    teacher_head_VH: Tensor,
+    mask_N: Tensor | None,
+    chunk_size: int,
+) -> None:
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if student_hidden_NH.dim() != 2 or teacher_hidden_NH.dim() != 2:
+        raise ValueError("hidden states must be flattened to [N, H]")
+    if student_hidden_NH.shape[0] != teacher_hidden_NH.shape[0]:
+        raise ValueError(
+            f"student and teacher have {student_hidden_NH.shape[0]} and "
+            f"{teacher_hidden_NH.shape[0]} token positions; they must match"
+        )
+    if student_hidden_NH.shape[1] != student_head_VH.shape[1]:
+        raise ValueError("student hidden size does not match the student head [V, H]")
+    if teacher_hidden_NH.shape[1] != teacher_head_VH.shape[1]:
+        raise ValueError("teacher hidden size does not match the teacher head [V, H]")
+    if student_head_VH.shape[0] != teacher_head_VH.shape[0]:
+        raise ValueError(
+            f"student vocabulary {student_head_VH.shape[0]} != teacher vocabulary "
+            f"{teacher_head_VH.shape[0]}; slice or pad the heads to a common vocabulary"
+        )
+    if mask_N is not None and tuple(mask_N.shape) != (student_hidden_NH.shape[0],):
+        raise ValueError(f"mask_N must be [N], got {tuple(mask_N.shape)}")
+
+
+def _select_valid(x_NH: Tensor, mask_N: Tensor | None) -> Tensor:
+    if mask_N is None:
+        return x_NH
+    return x_NH[mask_N.to(device=x_NH.device, dtype=torch.bool)]
+
+
+def _chunk_loss_sum(
+    s_hidden_CH: Tensor,
+    s_head_VH: Tensor,
+    t_hidden_CH: Tensor,
+    t_head_VH: Tensor,
+    *,
+    loss_fn: LossFn,
+    loss_kwargs: dict,
+) -> Tensor:
+    """Sum of the loss over one chunk of C (all valid) tokens, as a B=1, T=C batch."""
+    s_logits_1CV = F.linear(s_hidden_CH, s_head_VH).unsqueeze(0)
+    with torch.no_grad():
+        t_logits_1CV = F.linear(t_hidden_CH, t_head_VH).unsqueeze(0)
+    mask_1C = torch.ones(s_logits_1CV.shape[:2], dtype=torch.bool, device=s_logits_1CV.device)
+    return loss_fn(s_logits_1CV, t_logits_1CV, mask_1C, reduction="sum", **loss_kwargs)
+
+
+def chunked_dense_loss(
+    student_hidden_NH: Tensor,
+    student_head_VH: Tensor,
+    teacher_hidden_NH: Tensor,
+    teacher_head_VH: Tensor,
+    mask_N: Tensor | None,
+    loss_fn: str | LossFn,
+    *,
+    chunk_size: int = 512,
+    **loss_kwargs,
+) -> Tensor:
+    """Token-mean dense loss over N positions, one chunk of logits alive at a time.
+
+    Args:
+        student_hidden_NH: [N, H_S] student final hidden states (after the final norm).
+        student_head_VH: [V, H_S] student lm_head weight.
+        teacher_hidden_NH: [N, H_T] teacher final hidden states (no grad needed).
+        teacher_head_VH: [V, H_T] teacher lm_head weight.
+        mask_N: [N] bool, valid positions (None: all). Invalid ones are dropped before
+            chunking, so chunks hold only tokens that count.
+        loss_fn: a DENSE_LOSSES kind or a callable with the dense-loss signature and a
+            `reduction="sum"` option.
+        chunk_size: tokens per chunk C; peak extra memory is ~8-11 float32 [C, V] tensors.
+        **loss_kwargs: options for the loss (temperature, beta, k, ...), not `reduction`.
+
+    Returns:
+        Scalar float32 (float64 for float64 inputs): sum of per-token losses / N_valid;
+        0.0 attached to the student's graph when no position is valid.
+    """
+    if "reduction" in loss_kwargs:
+        raise ValueError("chunked_dense_loss always reduces with a token-mean; drop `reduction`")
+    _check_driver_inputs(
+        student_hidden_NH, student_head_VH, teacher_hidden_NH, teacher_head_VH, mask_N, chunk_size
+    )
+    fn = functools.partial(
+        _chunk_loss_sum, loss_fn=resolve_dense_loss(loss_fn), loss_kwargs=loss_kwargs
+    )
+    s_hidden_NH = _select_valid(student_hidden_NH, mask_N)
+    t_hidden_NH = _select_valid(teacher_hidden_NH, mask_N)
+    needs_grad = torch.is_grad_enabled() and (
+        s_hidden_NH.requires_grad or student_head_VH.requires_grad
+    )
+    # Empty slices keep the result on the student's graph even when there is no chunk.
+    total = upcast(s_hidden_NH[:0].sum() + student_head_VH[:0].sum())
+    n_valid = s_hidden_NH.shape[0]
+    for start in range(0, n_valid, chunk_size):
+        args = (
+            s_hidden_NH[start : start + chunk_size],
+            student_head_VH,
+            t_hidden_NH[start : start + chunk_size],
+            teacher_head_VH,
+        )
+        if needs_grad:
+            # No RNG in the chunk; skipping RNG state stashing saves a device sync per chunk.
+            chunk_sum = checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=False)
+        else:
+            chunk_sum = fn(*args)
+        total = total + chunk_sum
+    return total / max(n_valid, 1)
+
+
+def _chunk_token_logprobs(
+    hidden_CH: Tensor, head_VH: Tensor, ids_C: Tensor, *, temperature: float
+) -> Tensor:
+    logits_CV = upcast(F.linear(hidden_CH, head_VH))
+    if temperature != 1.0:
+        logits_CV = logits_CV / temperature
+    # z[id] - logsumexp(z): no [C, V] log_softmax output to keep.
+    picked_C = logits_CV.gather(-1, ids_C.unsqueeze(-1)).squeeze(-1)
+    return picked_C - torch.logsumexp(logits_CV, dim=-1)
+
+
+def chunked_token_logprobs(
+    hidden_NH: Tensor,
+    head_VH: Tensor,
+    ids_N: Tensor,
+    *,
+    chunk_size: int = 1024,
+    temperature: float = 1.0,
+) -> Tensor:
+    """log softmax(hidden @ head^T / temperature) gathered at ids, chunk by chunk.
+
+    Checkpointed per chunk when a gradient is needed, so neither pass holds more than one
+    chunk's [C, V] logits.
+
+    Args:
+        hidden_NH: [N, H] final hidden states.
+        head_VH: [V, H] lm_head weight.
+        ids_N: [N] long, the token whose log-prob is wanted at each position.
+        chunk_size: tokens per chunk.
+        temperature: > 0, logits are divided by it.
+
+    Returns:
+        [N] log-probs, float32 (float64 for float64 inputs).
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if hidden_NH.dim() != 2 or tuple(ids_N.shape) != (hidden_NH.shape[0],):
+        raise ValueError(
+            f"expected hidden [N, H] and ids [N], got {tuple(hidden_NH.shape)} "
+            f"and {tuple(ids_N.shape)}"
+        )
+    fn = functools.partial(_chunk_token_logprobs, temperature=temperature)
+    needs_grad = torch.is_grad_enabled() and (hidden_NH.requires_grad or head_VH.requires_grad)
+    ids_N = ids_N.to(device=hidden_NH.device, dtype=torch.long)
+    pieces = []
+    for start in range(0, hidden_NH.shape[0], chunk_size):
+        args = (hidden_NH[start : start + chunk_size], head_VH, ids_N[start : start + chunk_size])
+        if needs_grad:
+            pieces.append(checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=False))
+        else:
+            pieces.append(fn(*args))
+    if not pieces:
+        return upcast(hidden_NH.sum(dim=-1))  # [0], still on the graph
+    return torch.cat(pieces)
+
+
+@torch.no_grad()
+def iter_logit_chunks(
+    student_hidden_NH: Tensor,
+    student_head_VH: Tensor,
+    teacher_hidden_NH: Tensor,
+    teacher_head_VH: Tensor,
+    mask_N: Tensor | None = None,
+    *,
+    chunk_size: int = 512,
+) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+    """Yield (student_logits_1CV, teacher_logits_1CV, mask_1C) per chunk of valid tokens.
+
+    For no-grad consumers at full vocabulary size, e.g. `uniopd.algo.metrics`'
+    `token_diagnostic_sums` per chunk, then `reduce_diagnostic_sums`.
+    """
+    _check_driver_inputs(
+        student_hidden_NH, student_head_VH, teacher_hidden_NH, teacher_head_VH, mask_N, chunk_size
+    )
+    s_hidden_NH = _select_valid(student_hidden_NH, mask_N)
+    t_hidden_NH = _select_valid(teacher_hidden_NH, mask_N)
+    for start in range(0, s_hidden_NH.shape[0], chunk_size):
+        s_logits_1CV = F.linear(s_hidden_NH[start : start + chunk_size], student_head_VH)[None]
+        t_logits_1CV = F.linear(t_hidden_NH[start : start + chunk_size], teacher_head_VH)[None]
+        mask_1C = torch.ones(s_logits_1CV.shape[:2], dtype=torch.bool, device=s_logits_1CV.device)
+        yield s_logits_1CV, t_logits_1CV, mask_1C

@@ -1,0 +1,63 @@
+"""The step batch: rollouts, outcomes and teacher scores as plain [B, T] tensors.
+
+Everything after rollout works on one `StepBatch`: row b is one response, `group_ids_B`
+says which prompt it came from, `mask_BT` marks its response tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from uniopd.data.records import PromptRecord
+from uniopd.rollout.hf import Sample
+
+
+@dataclass
+class StepBatch:
+    records: list[PromptRecord]  # one per row (repeated across a group)
+    samples: list[Sample]
+    group_ids_B: torch.Tensor
+    mask_BT: torch.Tensor
+    old_logp_BT: torch.Tensor
+    correct_B: torch.Tensor
+    score_B: torch.Tensor
+    teacher_names: list[str] = field(default_factory=list)
+    teacher_logp_BT: torch.Tensor | None = None
+    teacher_hidden: dict[int, torch.Tensor] = field(default_factory=dict)  # row -> [T_b, H] (dense losses)
+    adv_BT: torch.Tensor | None = None
+    keep_B: torch.Tensor | None = None  # rows that train (calibration mask)
+
+    @property
+    def size(self) -> int:
+        return len(self.samples)
+
+    def texts(self, tokenizer) -> list[str]:
+        return tokenizer.batch_decode([s.response_ids for s in self.samples], skip_special_tokens=True)
+
+
+def pad_rows(rows: list[list[float]], fill: float = 0.0, dtype=torch.float32) -> torch.Tensor:
+    T = max((len(r) for r in rows), default=0)
+    out = torch.full((len(rows), T), fill, dtype=dtype)
+    for b, r in enumerate(rows):
+        if r:
+            out[b, : len(r)] = torch.tensor(r, dtype=dtype)
+    return out
+
+
+def make_batch(records: list[PromptRecord], groups: list[list[Sample]]) -> tuple[list[PromptRecord], list[Sample], torch.Tensor]:
+    """Flatten prompt groups into rows; group id = the prompt's index in this step."""
+    recs, samples, gids = [], [], []
+    for g, (record, group) in enumerate(zip(records, groups)):
+        for s in group:
+            recs.append(record)
+            samples.append(s)
+            gids.append(g)
+    return recs, samples, torch.tensor(gids, dtype=torch.long)
+
+
+def response_mask(samples: list[Sample]) -> torch.Tensor:
+    lengths = torch.tensor([len(s.response_ids) for s in samples])
+    T = int(lengths.max()) if len(lengths) else 0
+    return torch.arange(T)[None, :] < lengths[:, None]

@@ -1,0 +1,417 @@
+"""Run configuration: one dataclass per component, composed into `RunConfig`.
+
+YAML files give the starting point; dotted overrides (`trainer.lr=1e-6 rollout.n=8`) refine
+it. Every field carries a one-line help text (`uniopd config --help-fields` prints them).
+Unknown keys and wrong types fail with a `ConfigError` that names the dotted key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad configuration key or value; the message names the dotted key."""
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kw)
+    if dataclasses.is_dataclass(default):
+        return field(default_factory=lambda: dataclasses.replace(default), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+def _check_choice(key: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, choices))}")
+
+
+def _check_range(key: str, value: float, lo: float | None = None, hi: float | None = None,
+                 lo_open: bool = False) -> None:
+    if lo is not None and (value < lo or (lo_open and value == lo)):
+        raise ConfigError(f"{key}: {value!r} must be {'>' if lo_open else '>='} {lo}")
+    if hi is not None and value > hi:
+        raise ConfigError(f"{key}: {value!r} must be <= {hi}")
+
+
+@dataclass
+class ModelConfig:
+    path: str = _f("", "student: local directory, Hugging Face id, .gguf file, or pkg://package/file.gguf")
+    gguf_file: str | None = _f(None, "GGUF file name inside `path` (set automatically when path ends in .gguf)")
+    revision: str | None = _f(None, "hub revision (branch, tag or commit) when `path` is a hub id")
+    dtype: str = _f("float32", "parameter dtype: float32, bfloat16 or float16")
+    trust_remote_code: bool = _f(False, "allow model code from the checkpoint directory")
+    chat_template: bool = _f(True, "wrap prompts with the tokenizer's chat template when it has one")
+    max_prompt_tokens: int = _f(1024, "prompts longer than this are handled by `data.overlong`")
+    gradient_checkpointing: bool = _f(False, "recompute activations in the backward pass to save memory")
+
+    def validate(self, key: str) -> None:
+        _check_choice(f"{key}.dtype", self.dtype, ("float32", "bfloat16", "float16"))
+        _check_range(f"{key}.max_prompt_tokens", self.max_prompt_tokens, 1)
+
+
+@dataclass
+class TeacherConfig(ModelConfig):
+    domains: list[str] = _f([], "domains this teacher scores; '*' matches any domain no other teacher claims")
+    view: str = _f("same", "teacher view: same | teacher_prompt | privileged | template")
+    system_prompt: str | None = _f(None, "system prompt added to the teacher's view (teacher-aligned prompts)")
+    privileged_template: str = _f(
+        "{prompt}\n\nReference answer: {answer}\nUse it to answer.",
+        "template of the 'privileged' view; fields: {prompt} {answer} {tests}")
+    self_distill: bool = _f(False, "the teacher is the student's own frozen initial weights (path may be empty)")
+    top_k: int | None = _f(None, "score with the teacher's top-k only (what some backends return)")
+
+    def validate(self, key: str) -> None:
+        if not self.self_distill:
+            super().validate(key)
+        _check_choice(f"{key}.view", self.view, ("same", "teacher_prompt", "privileged", "template"))
+
+
+@dataclass
+class DataConfig:
+    train: str = _f("", "prompt file: .jsonl, .json, .parquet, a datasets dir, or hf:<name>[:<split>]")
+    eval: str | None = _f(None, "held-out prompt file evaluated every `trainer.eval_every` steps")
+    skip_invalid: bool = _f(False, "skip and count invalid records instead of failing on the first")
+    field_map: dict[str, str] = _f({}, "rename source columns to record fields, e.g. {question: prompt}")
+    default_domain: str | None = _f(None, "domain for records that have none")
+    generate_ids: bool = _f(False, "make ids '<file>-<row>' for sources without an id column")
+    overlong: str = _f("error", "prompts over model.max_prompt_tokens: error | truncate | skip (counted)")
+    shuffle: bool = _f(True, "shuffle the prompt order each epoch (seeded)")
+    domain_verifiers: dict[str, str] = _f({}, "verifier per domain, overrides the built-in defaults")
+
+    def validate(self, key: str) -> None:
+        _check_choice(f"{key}.overlong", self.overlong, ("error", "truncate", "skip"))
+
+
+@dataclass
+class RolloutConfig:
+    backend: str = _f("hf", "generation backend: hf (default) or vllm")
+    prompts_per_step: int = _f(8, "prompts sampled per training step")
+    n: int = _f(4, "rollouts per prompt (the group)")
+    temperature: float = _f(1.0, "sampling temperature")
+    top_p: float = _f(1.0, "nucleus sampling threshold")
+    max_new_tokens: int = _f(256, "maximum response length")
+    min_new_tokens: int = _f(0, "EOS is blocked before this many tokens (benchmarks)")
+    batch_size: int = _f(64, "sequences decoded together")
+
+    def validate(self, key: str) -> None:
+        _check_choice(f"{key}.backend", self.backend, ("hf", "vllm"))
+        _check_range(f"{key}.temperature", self.temperature, 0.0, lo_open=True)
+        _check_range(f"{key}.top_p", self.top_p, 0.0, 1.0, lo_open=True)
+        for name in ("prompts_per_step", "n", "max_new_tokens", "batch_size"):
+            _check_range(f"{key}.{name}", getattr(self, name), 1)
+
+
+@dataclass
+class LossConfig:
+    kind: str = _f("sampled", "sampled | topk | full | jsd | mix")
+    clip_low: float = _f(0.2, "PPO clip epsilon below 1 (ratio >= 1 - clip_low)")
+    clip_high: float = _f(0.28, "PPO clip epsilon above 1 (ratio <= 1 + clip_high)")
+    kl_coef: float = _f(1.0, "weight of the teacher reverse-KL token advantage")
+    outcome_weight: float = _f(0.0, "weight of the verifier reward added to every token's advantage")
+    outcome_baseline: str = _f("group", "baseline subtracted from the outcome reward: group | none")
+    direction: str = _f("reverse", "full / topk KL direction: reverse KL(S||T) or forward KL(T||S)")
+    topk: int = _f(16, "k of the top-k loss and of the overlap diagnostics")
+    topk_source: str = _f("teacher", "top-k token set: student | teacher | union | intersection")
+    topk_renormalize: bool = _f(True, "renormalise both distributions inside the top-k set")
+    topk_tail: bool = _f(False, "add a tail bucket with the mass outside the top-k set")
+    beta: float = _f(0.5, "generalized JSD interpolation: 0 = KL(T||S), 1 = KL(S||T)")
+    forward_weight: float = _f(0.5, "mix: weight of forward KL(T||S); the rest is reverse KL")
+    temperature: float = _f(1.0, "temperature of the dense losses")
+    dense_weight: float = _f(1.0, "weight of the dense loss when combined with the outcome reward")
+    chunk_size: int = _f(1024, "tokens per chunk when computing log-probs and dense losses")
+
+    def validate(self, key: str) -> None:
+        _check_choice(f"{key}.kind", self.kind, ("sampled", "topk", "full", "jsd", "mix"))
+        _check_choice(f"{key}.direction", self.direction, ("reverse", "forward"))
+        _check_choice(f"{key}.outcome_baseline", self.outcome_baseline, ("group", "none"))
+        _check_choice(f"{key}.topk_source", self.topk_source, ("student", "teacher", "union", "intersection"))
+        _check_range(f"{key}.beta", self.beta, 0.0, 1.0)
+        _check_range(f"{key}.forward_weight", self.forward_weight, 0.0, 1.0)
+        _check_range(f"{key}.clip_low", self.clip_low, 0.0, 1.0)
+        _check_range(f"{key}.clip_high", self.clip_high, 0.0)
+        _check_range(f"{key}.topk", self.topk, 1)
+        _check_range(f"{key}.chunk_size", self.chunk_size, 1)
+
+
+@dataclass
+class CalibrationConfig:
+    enabled: bool = _f(False, "outcome-guided margin calibration of the teacher signal")
+    method: str = _f("shift", "shift (add the smallest lambda restoring the margin) | mask (drop violators)")
+    delta: float = _f(0.4, "required margin delta between correct and incorrect returns")
+    mode: str = _f("minmax", "margin: minmax (min correct - max incorrect) | mean (mean - mean)")
+    direction: str = _f("correct_up", "shift: correct_up | incorrect_down | both")
+    scope: str = _f("group", "margin per prompt group or over the whole batch: group | global")
+    mask_strategy: str = _f("group", "mask: group (drop the whole group) | greedy (drop worst rollouts)")
+    min_retain_ratio: float = _f(0.25, "greedy mask keeps at least this share of each side")
+    logratio_clip: float | None = _f(None, "mask tokens with |log piS - log piT| >= this (10 in the released code)")
+
+    def validate(self, key: str) -> None:
+        _check_choice(f"{key}.method", self.method, ("shift", "mask"))
+        _check_choice(f"{key}.mode", self.mode, ("minmax", "mean"))
+        _check_choice(f"{key}.direction", self.direction, ("correct_up", "incorrect_down", "both"))
+        _check_choice(f"{key}.scope", self.scope, ("group", "global"))
+        _check_choice(f"{key}.mask_strategy", self.mask_strategy, ("group", "greedy"))
+        _check_range(f"{key}.delta", self.delta, 0.0, lo_open=True)
+        _check_range(f"{key}.min_retain_ratio", self.min_retain_ratio, 0.0, 1.0)
+
+
+@dataclass
+class BalanceConfig:
+    online: bool = _f(False, "correctness-aware selection of which rollouts train")
+    oversample: float = _f(2.0, "rollouts sampled per prompt = ceil(oversample * rollout.n)")
+    ratio: float = _f(1.0, "target correct:incorrect ratio inside a kept group")
+    max_resample: int = _f(0, "extra sampling rounds for groups that came out all-correct/all-incorrect")
+    keep_uniform: bool = _f(True, "keep groups that stay all-correct/all-incorrect after resampling")
+    offline_k: int = _f(8, "`uniopd balance`: rollouts per prompt to estimate its pass rate")
+    num_bins: int = _f(10, "`uniopd balance`: pass-rate histogram bins")
+
+    def validate(self, key: str) -> None:
+        _check_range(f"{key}.oversample", self.oversample, 1.0)
+        _check_range(f"{key}.ratio", self.ratio, 0.0)
+        _check_range(f"{key}.max_resample", self.max_resample, 0)
+        _check_range(f"{key}.offline_k", self.offline_k, 1)
+        _check_range(f"{key}.num_bins", self.num_bins, 1)
+
+
+@dataclass
+class TrainerConfig:
+    steps: int = _f(100, "optimizer updates on fresh rollouts (training steps)")
+    lr: float = _f(1e-6, "AdamW learning rate")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    betas: list[float] = _f([0.9, 0.999], "AdamW betas")
+    warmup_steps: int = _f(0, "linear warmup steps, then constant")
+    grad_clip: float = _f(1.0, "clip the global grad norm to this (0 = off)")
+    micro_batch_size: int = _f(16, "sequences per forward/backward (bounds update memory)")
+    mini_batches: int = _f(1, "optimizer steps per rollout batch (>1 makes PPO clipping bite)")
+    seed: int = _f(0, "seed of data order, sampling and initialisation")
+    threads: int | None = _f(None, "torch CPU threads (default: torch's choice)")
+    device: str = _f("auto", "auto | cpu | cuda")
+    output_dir: str = _f("runs/latest", "run directory: config, metrics, checkpoints")
+    save_every: int = _f(50, "checkpoint every K steps (0 = only at the end)")
+    keep_checkpoints: int = _f(2, "checkpoints kept on disk (oldest removed)")
+    eval_every: int = _f(0, "evaluate on data.eval every K steps (0 = off)")
+    eval_n: int = _f(1, "samples per eval prompt")
+    max_bad_steps: int = _f(5, "stop after this many consecutive non-finite losses/gradients")
+
+    def validate(self, key: str) -> None:
+        _check_choice(f"{key}.device", self.device, ("auto", "cpu", "cuda"))
+        for name in ("steps", "micro_batch_size", "mini_batches"):
+            _check_range(f"{key}.{name}", getattr(self, name), 1)
+        _check_range(f"{key}.lr", self.lr, 0.0)
+        if len(self.betas) != 2:
+            raise ConfigError(f"{key}.betas: needs two numbers, got {self.betas!r}")
+
+
+@dataclass
+class LoggingConfig:
+    jsonl: bool = _f(True, "write metrics.jsonl in the run directory")
+    tensorboard: bool = _f(True, "write TensorBoard events in <run>/tb")
+    progress: bool = _f(True, "show a progress bar with ETA")
+    log_samples: int = _f(2, "responses written to samples.jsonl per step")
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = _f(ModelConfig(), "the student")
+    teachers: dict[str, TeacherConfig] = _f({}, "teachers by name; each claims domains")
+    data: DataConfig = _f(DataConfig(), "prompt data")
+    rollout: RolloutConfig = _f(RolloutConfig(), "student sampling")
+    loss: LossConfig = _f(LossConfig(), "distillation loss")
+    calibration: CalibrationConfig = _f(CalibrationConfig(), "teacher-side margin calibration")
+    balance: BalanceConfig = _f(BalanceConfig(), "student-side data balancing")
+    trainer: TrainerConfig = _f(TrainerConfig(), "optimisation and checkpoints")
+    logging: LoggingConfig = _f(LoggingConfig(), "metrics output")
+
+    def validate(self) -> "RunConfig":
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name == "teachers":
+                for name, teacher in value.items():
+                    teacher.validate(f"teachers.{name}")
+            elif hasattr(value, "validate"):
+                value.validate(f.name)
+        claimed: dict[str, str] = {}
+        for name, teacher in self.teachers.items():
+            for domain in teacher.domains:
+                if domain in claimed:
+                    raise ConfigError(f"teachers.{name}.domains: {domain!r} is already claimed by "
+                                      f"teacher {claimed[domain]!r}")
+                claimed[domain] = name
+        return self
+
+
+# ----------------------------------------------------------------------------- conversion
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Convert a YAML/CLI value to the field type `tp`, or raise ConfigError naming `key`."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(f"{key}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
+        return _build(tp, value, key)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_convert(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        key_tp, val_tp = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return {str(k): _convert(v, val_tp, f"{key}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            # YAML 1.1 reads "1e-6" (no dot) as a string; users write it that way all the time.
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    if tp is Any:
+        return value
+    raise ConfigError(f"{key}: unsupported field type {tp!r}")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for k, v in data.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if k not in names:
+            known = ", ".join(sorted(names))
+            raise ConfigError(f"{key}: unknown key (known keys here: {known})")
+        kwargs[k] = _convert(v, hints[k], key)
+    return cls(**kwargs)
+
+
+def _parse_scalar(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_override(tree: dict[str, Any], assignment: str) -> None:
+    """Apply one `a.b.c=value` override to a plain dict tree (value parsed as YAML)."""
+    if "=" not in assignment:
+        raise ConfigError(f"override {assignment!r}: expected key=value")
+    dotted, raw = assignment.split("=", 1)
+    parts = dotted.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override {assignment!r}: empty key segment")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{dotted}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = _parse_scalar(raw)
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+                base: dict[str, Any] | None = None) -> RunConfig:
+    """Build a validated RunConfig from an optional YAML file plus dotted overrides."""
+    tree: dict[str, Any] = dict(base or {})
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections")
+        tree = _merge(tree, loaded)
+    for assignment in overrides:
+        apply_override(tree, assignment)
+    try:
+        cfg = _build(RunConfig, tree, "")
+    except ConfigError as exc:
+        where = f"{path}: " if path is not None else ""
+        raise ConfigError(f"{where}{exc}") from None
+    return cfg.validate()
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: RunConfig, path: str | Path) -> None:
+    from uniopd.utils import atomic_write_text
+
+    atomic_write_text(Path(path), yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def field_help(cls: type = RunConfig, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, default, help) for every field, for `uniopd config`."""
+    rows = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            rows.extend(field_help(tp, key + "."))
+            continue
+        if typing.get_origin(tp) is dict and dataclasses.is_dataclass(typing.get_args(tp)[1]):
+            rows.extend(field_help(typing.get_args(tp)[1], key + ".<name>."))
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        rows.append((key, repr(default), f.metadata.get("help", "")))
+    return rows

@@ -1,0 +1,68 @@
+"""`uniopd eval`: accuracy avg@k and pass@k of a model on a prompt file with its verifiers.
+
+avg@k is the mean correctness over k samples per prompt. pass@j (j ≤ k) uses the unbiased
+estimator of Chen et al. (2021): 1 − C(n−c, j) / C(n, j) for n samples of which c are
+correct, averaged over prompts. With k = 1 and greedy decoding, avg@1 is plain accuracy.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from typing import Any
+
+import torch
+
+from uniopd.config import DataConfig, ModelConfig, RolloutConfig
+from uniopd.data.records import PromptRecord
+from uniopd.models.loading import LoadedModel
+from uniopd.rewards import verify_batch
+from uniopd.rollout.hf import generate
+from uniopd.setup import prepare_prompts
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def evaluate_model(loaded: LoadedModel, records: list[PromptRecord], rollout_cfg: RolloutConfig,
+                   model_cfg: ModelConfig, data_cfg: DataConfig, *, k: int = 1, greedy: bool = False,
+                   generator: torch.Generator | None = None, progress: bool = True,
+                   chunk_prompts: int = 64) -> dict[str, Any]:
+    tok = loaded.tokenizer
+    records, prompt_ids, _ = prepare_prompts(records, tok, model_cfg, data_cfg)
+    n = 1 if greedy else k
+    correct_by_prompt: list[list[bool]] = []
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(records), desc="eval", unit="prompt")
+    for start in range(0, len(records), chunk_prompts):
+        recs = records[start: start + chunk_prompts]
+        groups = generate(loaded.model, prompt_ids[start: start + chunk_prompts], rollout_cfg, n=n,
+                          eos_ids={tok.eos_token_id}, pad_id=tok.pad_token_id, generator=generator, greedy=greedy)
+        texts = tok.batch_decode([s.response_ids for g in groups for s in g], skip_special_tokens=True)
+        flat_recs = [r for r, g in zip(recs, groups) for _ in g]
+        outcomes = verify_batch(texts, flat_recs, domain_defaults=data_cfg.domain_verifiers or None)
+        for i in range(len(recs)):
+            correct_by_prompt.append([o.correct for o in outcomes[i * n:(i + 1) * n]])
+        if bar:
+            bar.update(len(recs))
+    if bar:
+        bar.close()
+
+    def summarise(rows: list[list[bool]]) -> dict[str, float]:
+        out = {f"avg@{n}": sum(sum(r) / len(r) for r in rows) / max(len(rows), 1)}
+        for j in sorted({1, n}):
+            out[f"pass@{j}"] = sum(pass_at_k(len(r), sum(r), j) for r in rows) / max(len(rows), 1)
+        return out
+
+    metrics = summarise(correct_by_prompt)
+    by_domain: dict[str, list[list[bool]]] = defaultdict(list)
+    for r, c in zip(records, correct_by_prompt):
+        by_domain[r.domain].append(c)
+    per_domain = {d: summarise(rows) for d, rows in sorted(by_domain.items())}
+    return {"metrics": metrics, "per_domain": per_domain, "num_prompts": len(records), "samples_per_prompt": n}

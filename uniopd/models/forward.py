@@ -1,0 +1,106 @@
+"""Forward passes that return what OPD needs and no more.
+
+A [B, L, V] logits tensor is the largest object in a step (150k vocabulary × 4×512 tokens
+is 1.2 GB in fp32). So we run the model's *base* (no lm_head), keep only the hidden states
+at positions that predict response tokens (N of them, flattened), and apply the output
+head chunk by chunk (`uniopd.algo.losses.chunked`). Teachers and students use the same
+layout, so a teacher with a different prompt (its own view) lines up token for token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel
+
+
+@dataclass
+class ResponseLayout:
+    """Prompt+response sequences, right-padded, with the response positions flattened.
+
+    input_ids_BL / attention_mask_BL: the model input.
+    pred_index_N: flat index (b * L + position) of each position whose next token is a
+        response token; target_ids_N: that response token.
+    row_N / col_N: the response token's sequence and its index inside the response, so a
+        flat tensor can be scattered back to [B, T].
+    """
+
+    input_ids_BL: torch.Tensor
+    attention_mask_BL: torch.Tensor
+    pred_index_N: torch.Tensor
+    target_ids_N: torch.Tensor
+    row_N: torch.Tensor
+    col_N: torch.Tensor
+    num_rows: int
+    max_response: int
+
+    def to_padded(self, values_N: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+        out = values_N.new_full((self.num_rows, self.max_response), fill)
+        out[self.row_N, self.col_N] = values_N
+        return out
+
+    def from_padded(self, values_BT: torch.Tensor) -> torch.Tensor:
+        return values_BT[self.row_N, self.col_N]
+
+
+def build_layout(prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: int,
+                 device: torch.device | str = "cpu") -> ResponseLayout:
+    if len(prompt_ids) != len(response_ids):
+        raise ValueError(f"{len(prompt_ids)} prompts but {len(response_ids)} responses")
+    lengths = [len(p) + len(r) for p, r in zip(prompt_ids, response_ids)]
+    B, L = len(lengths), max(lengths)
+    ids = torch.full((B, L), pad_id, dtype=torch.long)
+    attn = torch.zeros((B, L), dtype=torch.long)
+    pred, tgt, rows, cols = [], [], [], []
+    for b, (p, r) in enumerate(zip(prompt_ids, response_ids)):
+        seq = list(p) + list(r)
+        ids[b, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        attn[b, : len(seq)] = 1
+        start = len(p) - 1  # the last prompt position predicts the first response token
+        pred.extend(b * L + start + j for j in range(len(r)))
+        tgt.extend(r)
+        rows.extend([b] * len(r))
+        cols.extend(range(len(r)))
+    as_long = lambda xs: torch.tensor(xs, dtype=torch.long, device=device)  # noqa: E731
+    return ResponseLayout(ids.to(device), attn.to(device), as_long(pred), as_long(tgt), as_long(rows),
+                          as_long(cols), B, max((len(r) for r in response_ids), default=0))
+
+
+def output_head(model: PreTrainedModel) -> torch.Tensor:
+    """The [V, H] output projection. Refuses heads this chunked path would get wrong."""
+    head = model.get_output_embeddings()
+    if head is None or not hasattr(head, "weight"):
+        raise ValueError(f"{type(model).__name__} has no output embedding to score tokens with")
+    if getattr(head, "bias", None) is not None:
+        raise ValueError(f"{type(model).__name__}: an lm_head with a bias is not supported yet")
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    if getattr(cfg, "final_logit_softcapping", None):
+        raise ValueError(f"{type(model).__name__}: final logit soft-capping is not supported yet")
+    return head.weight
+
+
+def base_model(model: PreTrainedModel) -> torch.nn.Module:
+    return getattr(model, model.base_model_prefix)
+
+
+def response_hidden(model: PreTrainedModel, layout: ResponseLayout,
+                    extra_inputs: dict[str, Any] | None = None) -> torch.Tensor:
+    """Final hidden states [N, H] at the positions that predict response tokens."""
+    out = base_model(model)(input_ids=layout.input_ids_BL, attention_mask=layout.attention_mask_BL,
+                            use_cache=False, **(extra_inputs or {}))
+    hidden_BLH = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    return hidden_BLH.reshape(-1, hidden_BLH.shape[-1]).index_select(0, layout.pred_index_N)
+
+
+def response_logprobs(model: PreTrainedModel, layout: ResponseLayout, *, chunk_size: int = 1024,
+                      temperature: float = 1.0, extra_inputs: dict[str, Any] | None = None,
+                      return_hidden: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log π(y_t | x, y<t) for every response token, flat [N]; optionally the hidden [N, H]."""
+    from uniopd.algo.losses.chunked import chunked_token_logprobs
+
+    hidden_NH = response_hidden(model, layout, extra_inputs)
+    logp_N = chunked_token_logprobs(hidden_NH, output_head(model), layout.target_ids_N,
+                                    chunk_size=chunk_size, temperature=temperature)
+    return logp_N, (hidden_NH if return_hidden else None)

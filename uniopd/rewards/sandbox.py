@@ -1,0 +1,893 @@
+"""Run untrusted programs in a separate, limited process (see docs/sandbox.md).
+
+One call of `run` starts one sandboxed process tree:
+
+    caller (this process)
+      └─ launcher   `python -I -S sandbox.py CONFIG STATUS_FD`, new session (process group)
+           └─ monitor   pid 1 of a new PID namespace when available; reaps, reports
+                └─ program   rlimits, unprivileged uid, no new privileges, cwd = workdir
+
+The launcher runs stdlib-only code (this very file, as a script), so nothing is
+inherited from the caller's interpreter: no preexec_fn (unsafe with threads), no
+environment (it is started with a stripped one), no open fds but the pipes it needs.
+
+Protections, each applied when the OS allows it and reported in `SandboxResult.isolation`:
+  rlimits         RLIMIT_CPU, RLIMIT_AS, RLIMIT_FSIZE, RLIMIT_NPROC, RLIMIT_NOFILE, RLIMIT_CORE
+  uid             as root: a random unprivileged uid/gid per run, no groups (this is
+                  what makes RLIMIT_NPROC count: the kernel does not enforce it for root)
+  no_new_privs    PR_SET_NO_NEW_PRIVS: setuid binaries cannot raise privileges
+  netns           new network namespace: only a downed loopback, no route anywhere
+  mountns         new mount namespace: every mount remounted read-only, /root and
+                  /home masked by empty tmpfs (the interpreter is bound back read-only),
+                  the workdir a fresh size-limited tmpfs
+  pidns           new PID namespace: the program sees only its own tree in /proc, and
+                  when the monitor (pid 1) exits the kernel kills every process left
+  ipcns, utsns    new SysV IPC and hostname namespaces
+  userns          not root: a user namespace is used to get netns/mountns/pidns
+  cgroup_pids     cgroup pids.max for the whole tree (v1 or v2, when writable)
+  cgroup_memory   cgroup memory limit for the whole tree (when writable)
+A wall-clock timeout kills the whole process group (os.killpg), the cgroup and, through
+pid 1, the PID namespace.
+"""
+
+from __future__ import annotations
+
+# The launcher runs this file as a script (`python -I -S sandbox.py ...`); it needs only
+# the light stdlib imports below, so the caller-side imports come after its entry point.
+import ctypes
+import json
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+# ----------------------------------------------------------------------------- constants
+
+CLONE_NEWNS = 0x00020000
+CLONE_NEWUTS = 0x04000000
+CLONE_NEWIPC = 0x08000000
+CLONE_NEWUSER = 0x10000000
+CLONE_NEWPID = 0x20000000
+CLONE_NEWNET = 0x40000000
+
+MS_RDONLY = 1
+MS_NOSUID = 2
+MS_NODEV = 4
+MS_NOEXEC = 8
+MS_REMOUNT = 32
+MS_NOATIME = 1024
+MS_NODIRATIME = 2048
+MS_BIND = 4096
+MS_REC = 16384
+MS_PRIVATE = 1 << 18
+MS_RELATIME = 1 << 21
+MS_STRICTATIME = 1 << 24
+
+PR_SET_PDEATHSIG = 1
+PR_SET_CHILD_SUBREAPER = 36
+PR_SET_NO_NEW_PRIVS = 38
+
+_MOUNT_OPT_FLAGS = {
+    "nosuid": MS_NOSUID,
+    "nodev": MS_NODEV,
+    "noexec": MS_NOEXEC,
+    "noatime": MS_NOATIME,
+    "nodiratime": MS_NODIRATIME,
+    "relatime": MS_RELATIME,
+    "strictatime": MS_STRICTATIME,
+}
+
+# Sandboxed programs run as a random uid/gid in [_UID_BASE, _UID_BASE + _UID_SPAN): no
+# file on the host belongs to them, and RLIMIT_NPROC counts only this run's processes.
+_UID_BASE = 200_000_000
+_UID_SPAN = 50_000_000
+
+_SAFE_ENV = {
+    "PATH": "/usr/local/bin:/usr/bin:/bin",
+    "LANG": "C.UTF-8",
+    "LC_ALL": "C.UTF-8",
+    "OMP_NUM_THREADS": "1",
+    "OPENBLAS_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+}
+
+_MB = 1 << 20
+_START_FAILURE = b"sandbox: could not start the program"
+
+
+def _write(path: str, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+
+
+# ----------------------------------------------------------------------------- launcher side
+# Runs in the launcher process (`python -I -S sandbox.py ...`): light stdlib imports only.
+
+
+def _libc():
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def _check(ret: int, what: str) -> None:
+    if ret != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, f"{what}: {os.strerror(e)}")
+
+
+def _mount(libc, src, target, fstype, flags, data=None) -> None:
+    enc = lambda s: s.encode() if isinstance(s, str) else s  # noqa: E731
+    _check(libc.mount(enc(src), enc(target), enc(fstype), ctypes.c_ulong(flags), enc(data)), f"mount {target}")
+
+
+def _unescape(path: str) -> str:
+    out, i = [], 0
+    while i < len(path):
+        if path[i] == "\\" and len(path[i + 1 : i + 4]) == 3 and path[i + 1 : i + 4].isdigit():
+            out.append(chr(int(path[i + 1 : i + 4], 8)))
+            i += 4
+        else:
+            out.append(path[i])
+            i += 1
+    return "".join(out)
+
+
+def _mount_table() -> list[tuple[str, int]]:
+    """[(mount point, per-mount flags)] from /proc/self/mountinfo, in mount order."""
+    table = []
+    for line in open("/proc/self/mountinfo").read().splitlines():
+        parts = line.split()
+        point, opts = _unescape(parts[4]), parts[5].split(",")
+        flags = 0
+        for opt in opts:
+            flags |= _MOUNT_OPT_FLAGS.get(opt, 0)
+        table.append((point, flags))
+    return table
+
+
+def _setup_mounts(libc, cfg, iso, userns: bool) -> None:
+    """Private propagation, masks over /root and /home, read-only everything, tmpfs workdir."""
+    workdir = cfg["workdir"]
+    _mount(libc, None, "/", None, MS_REC | MS_PRIVATE)
+    # Keep handles on what the interpreter needs before masking the directories holding it.
+    hidden = [h for h in cfg["hide"] if os.path.isdir(h) and not os.path.islink(h)]
+    keep = []
+    for path in cfg["expose"]:
+        if any(path == h or path.startswith(h + "/") for h in hidden) and os.path.isdir(path):
+            keep.append((path, os.open(path, os.O_PATH | os.O_DIRECTORY)))
+    masked = []
+    for h in hidden:
+        try:
+            _mount(libc, "tmpfs", h, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=0755")
+            masked.append(h)
+        except OSError:
+            pass
+    for path, fd in keep:
+        try:
+            os.makedirs(path, exist_ok=True)
+            _mount(libc, f"/proc/self/fd/{fd}", path, None, MS_BIND | MS_REC)
+        except OSError:
+            pass
+        os.close(fd)
+    iso["masked_home"] = bool(masked) and len(masked) == len(hidden)
+    # Workdir: a fresh tmpfs, owned by the sandbox uid, bounded in size.
+    owner = "" if cfg["uid"] is None or userns else f",uid={cfg['uid']},gid={cfg['gid']}"
+    _mount(libc, "tmpfs", workdir, "tmpfs", MS_NOSUID | MS_NODEV, f"size={cfg['limits']['tmpfs_mb']}m,mode=0700{owner}")
+    _copy_files(cfg, workdir)
+    # Everything else read-only. Later (upper) mounts are remounted after the lower ones.
+    failed = []
+    for point, flags in _mount_table():
+        if point == workdir:
+            continue
+        try:
+            _mount(libc, None, point, None, MS_REMOUNT | MS_BIND | MS_RDONLY | flags)
+        except OSError:
+            failed.append(point)
+    root_ro = "/" not in failed and all(not (p == "/tmp" or p == "/dev/shm") for p in failed)
+    iso["readonly_fs"] = root_ro
+    iso["tmpfs_workdir"] = True
+
+
+def _copy_files(cfg, dest) -> None:
+    src = cfg["srcdir"]
+    for name in os.listdir(src):
+        with open(os.path.join(src, name), "rb") as fi, open(os.path.join(dest, name), "wb") as fo:
+            fo.write(fi.read())
+        os.chmod(os.path.join(dest, name), 0o644)
+
+
+def _set_rlimits(lim) -> None:
+    import resource  # noqa: PLC0415
+
+    def cap(kind, value):
+        try:
+            _, hard = resource.getrlimit(kind)
+            value = int(value)
+            if hard != resource.RLIM_INFINITY:
+                value = min(value, hard)
+            resource.setrlimit(kind, (value, value))
+        except (ValueError, OSError):
+            pass
+
+    cpu = int(lim["cpu_s"])
+    try:
+        resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
+    except (ValueError, OSError):
+        cap(resource.RLIMIT_CPU, cpu)
+    cap(resource.RLIMIT_AS, lim["memory"])
+    cap(resource.RLIMIT_FSIZE, lim["fsize"])
+    cap(resource.RLIMIT_NPROC, lim["nproc"])
+    cap(resource.RLIMIT_NOFILE, lim["nofile"])
+    cap(resource.RLIMIT_CORE, 0)
+
+
+def _report(fd: int, obj: dict) -> None:
+    try:
+        os.write(fd, (json.dumps(obj) + "\n").encode())
+    except OSError:
+        pass
+
+
+def _launcher_main(cfg_path: str, status_fd: int) -> None:
+    cfg = json.load(open(cfg_path))
+    libc = _libc()
+    iso: dict[str, bool] = {}
+    is_root = os.geteuid() == 0
+    # cgroups first, so that every later process is counted.
+    for kind, path in cfg["cgroups"]:
+        try:
+            _write(os.path.join(path, "cgroup.procs"), str(os.getpid()))
+            iso["cgroup_" + kind] = True
+        except OSError:
+            pass
+    iso.setdefault("cgroup_pids", False)
+    iso.setdefault("cgroup_memory", False)
+    # Namespaces.
+    want = CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWIPC | CLONE_NEWUTS | (0 if cfg["network"] else CLONE_NEWNET)
+    got = 0
+    userns = False
+    if not cfg.get("namespaces", True):
+        pass
+    elif is_root:
+        if libc.unshare(want) == 0:
+            got = want
+        else:
+            for flag in (CLONE_NEWNS, CLONE_NEWPID, CLONE_NEWNET, CLONE_NEWIPC, CLONE_NEWUTS):
+                if want & flag and libc.unshare(flag) == 0:
+                    got |= flag
+    else:
+        uid, gid = os.getuid(), os.getgid()
+        if libc.unshare(want | CLONE_NEWUSER) == 0:
+            got, userns = want, True
+            try:
+                _write("/proc/self/setgroups", "deny")
+            except OSError:
+                pass
+            _write("/proc/self/uid_map", f"{uid} {uid} 1")
+            _write("/proc/self/gid_map", f"{gid} {gid} 1")
+    iso["userns"] = userns
+    iso["netns"] = bool(got & CLONE_NEWNET)
+    iso["pidns"] = bool(got & CLONE_NEWPID)
+    iso["ipcns"] = bool(got & CLONE_NEWIPC)
+    iso["utsns"] = bool(got & CLONE_NEWUTS)
+    iso["mountns"] = False
+    iso["readonly_fs"] = False
+    iso["masked_home"] = False
+    iso["tmpfs_workdir"] = False
+    if got & CLONE_NEWNS:
+        try:
+            _setup_mounts(libc, cfg, iso, userns)
+            iso["mountns"] = True
+        except OSError as exc:  # fall back to the plain workdir below
+            _report(status_fd, {"mount_error": str(exc)})
+    workdir = cfg["workdir"]
+    if not iso["tmpfs_workdir"]:
+        _copy_files(cfg, workdir)
+        if cfg["uid"] is not None:
+            os.chown(workdir, cfg["uid"], cfg["gid"])
+            os.chmod(workdir, 0o700)
+    drop_uid = is_root and cfg["uid"] is not None
+    iso["uid"] = drop_uid
+    iso["no_new_privs"] = True
+    iso["rlimits"] = True
+    iso["nproc_enforced"] = drop_uid or not is_root or userns
+    data_r = data_w = -1
+    if cfg["fd3_data"] is not None:
+        data_r, data_w = os.pipe()
+        os.write(data_w, bytes.fromhex(cfg["fd3_data"]))
+        os.close(data_w)
+    _report(status_fd, {"isolation": iso})
+
+    monitor = os.fork()
+    if monitor == 0:
+        try:
+            _monitor_main(libc, cfg, iso, status_fd, data_r, drop_uid)
+        finally:
+            os._exit(70)
+    if data_r >= 0:
+        os.close(data_r)
+    while True:
+        try:
+            _, st = os.waitpid(monitor, 0)
+            break
+        except InterruptedError:
+            continue
+    if os.WIFSIGNALED(st):
+        _report(status_fd, {"monitor_signal": os.WTERMSIG(st)})
+    os._exit(0)
+
+
+def _monitor_main(libc, cfg, iso, status_fd, data_r, drop_uid) -> None:
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() == 1 and not iso["pidns"]:
+        os._exit(71)  # launcher already gone
+    if iso["pidns"] and iso["mountns"]:
+        try:
+            _mount(libc, "proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+        except OSError:
+            pass
+    if not iso["pidns"]:
+        libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    child = os.fork()
+    if child == 0:
+        try:
+            _exec_program(libc, cfg, status_fd, data_r, drop_uid)
+        except BaseException as exc:  # noqa: BLE001
+            try:
+                os.write(2, _START_FAILURE + f": {exc}\n".encode())
+            finally:
+                os._exit(127)
+    if data_r >= 0:
+        os.close(data_r)
+    status: dict[str, Any] = {}
+    while True:
+        try:
+            pid, st = os.waitpid(-1, 0)
+        except InterruptedError:
+            continue
+        except ChildProcessError:
+            break
+        if pid == child:
+            if os.WIFEXITED(st):
+                status = {"exit": os.WEXITSTATUS(st), "signal": None}
+            elif os.WIFSIGNALED(st):
+                status = {"exit": None, "signal": os.WTERMSIG(st)}
+            break
+    if not iso["pidns"]:
+        _kill_descendants()
+    status["done"] = True
+    _report(status_fd, status)
+    os._exit(0)
+
+
+def _kill_descendants() -> None:
+    """Subreaper fallback (no PID namespace): kill every orphan reparented to us."""
+    me = os.getpid()
+    for _ in range(400):
+        kids = []
+        try:
+            for name in os.listdir("/proc"):
+                if name.isdigit():
+                    try:
+                        stat = open(f"/proc/{name}/stat").read()
+                        if int(stat.rsplit(")", 1)[1].split()[1]) == me:
+                            kids.append(int(name))
+                    except (OSError, ValueError, IndexError):
+                        pass
+        except OSError:
+            pass
+        for pid in kids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        try:
+            while os.waitpid(-1, os.WNOHANG)[0] > 0:
+                pass
+        except ChildProcessError:
+            return
+        time.sleep(0.005)
+
+
+def _exec_program(libc, cfg, status_fd, data_r, drop_uid) -> None:
+    # The program stays in the launcher's process group, so the caller's killpg reaches it.
+    if data_r >= 0:
+        if data_r != 3:
+            os.dup2(data_r, 3, inheritable=True)
+            os.close(data_r)
+        else:
+            os.set_inheritable(3, True)
+        os.closerange(4, 65536)
+    else:
+        os.closerange(3, 65536)
+    # The status fd is closed above; a failure after this point shows as exit code 127.
+    _set_rlimits(cfg["limits"])
+    if drop_uid:
+        os.setgroups([])
+        os.setresgid(cfg["gid"], cfg["gid"], cfg["gid"])
+        os.setresuid(cfg["uid"], cfg["uid"], cfg["uid"])
+    _check(libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs")
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    os.chdir(cfg["workdir"])
+    argv = cfg["argv"]
+    os.execve(argv[0], argv, cfg["env"])
+
+
+if __name__ == "__main__":
+    _launcher_main(sys.argv[1], int(sys.argv[2]))
+    raise SystemExit(0)
+
+import random  # noqa: E402
+import secrets  # noqa: E402
+import selectors  # noqa: E402
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import tempfile  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+
+
+@dataclass(frozen=True)
+class SandboxLimits:
+    """Resource limits for one sandboxed run."""
+
+    timeout_s: float = 10.0  # wall clock, from launch to kill
+    cpu_s: float | None = None  # RLIMIT_CPU; default ceil(timeout_s) + 1
+    memory_mb: int = 1024  # RLIMIT_AS, per process
+    group_memory_mb: int = 2048  # cgroup memory limit for the whole tree, when available
+    fsize_mb: int = 16  # RLIMIT_FSIZE: largest file the program may write
+    nproc: int = 32  # RLIMIT_NPROC (and cgroup pids.max): processes + threads
+    nofile: int = 256  # RLIMIT_NOFILE
+    output_bytes: int = 1 * _MB  # cap on captured stdout and on stderr, each
+    tmpfs_mb: int = 64  # size of the workdir tmpfs (mount namespace only)
+    network: bool = False  # True: keep the host network (no network namespace)
+    namespaces: bool = True  # False: no namespaces at all (rlimits, uid, cgroups only)
+
+    def __post_init__(self) -> None:
+        if self.timeout_s <= 0:
+            raise ValueError(f"SandboxLimits.timeout_s must be > 0, got {self.timeout_s}")
+        for name in ("memory_mb", "group_memory_mb", "fsize_mb", "nproc", "nofile", "output_bytes", "tmpfs_mb"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"SandboxLimits.{name} must be > 0, got {getattr(self, name)}")
+
+
+@dataclass
+class SandboxResult:
+    """What happened to one sandboxed run."""
+
+    exit_code: int | None  # the program's exit status, None if it did not exit normally
+    term_signal: int | None  # the signal that killed the program, if any
+    stdout: bytes
+    stderr: bytes
+    timed_out: bool  # wall-clock or CPU-time limit
+    output_exceeded: bool  # stdout or stderr went past the cap; the run was killed
+    duration_s: float
+    isolation: dict[str, bool] = field(default_factory=dict)
+    error: str = ""  # the sandbox itself failed (could not start, ...)
+    run_id: str = ""  # names this run's cgroups; run_python also puts it on the command line
+    uid: int | None = None  # the uid the program ran as (None: the caller's own uid)
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0 and not self.timed_out and not self.output_exceeded and not self.error
+
+    def stderr_tail(self, max_chars: int = 600) -> str:
+        text = self.stderr.decode("utf-8", "replace").rstrip()
+        return text[-max_chars:]
+
+
+# ----------------------------------------------------------------------------- caller side
+
+_LAUNCHER = os.path.abspath(__file__)
+
+
+def _python_for_sandbox() -> str:
+    return sys.executable or shutil.which("python3") or "/usr/bin/python3"
+
+
+def _expose_paths() -> list[str]:
+    """Real paths the interpreter needs, to bind back when /root and /home are masked."""
+    paths = set()
+    for p in (sys.executable, sys.base_prefix, sys.prefix, sys.exec_prefix, sys.base_exec_prefix):
+        if p:
+            paths.add(os.path.realpath(p if os.path.isdir(p) else os.path.dirname(p)))
+    for p in sys.path:
+        if p and os.path.isdir(p):
+            paths.add(os.path.realpath(p))
+    out: list[str] = []
+    for p in sorted(paths):  # parents sort before their children
+        if not any(p == q or p.startswith(q.rstrip("/") + "/") for q in out):
+            out.append(p)
+    return out
+
+
+def _own_cgroup(controller: str) -> tuple[str, bool] | None:
+    """(path of this process's cgroup for `controller`, is_v2) or None."""
+    try:
+        lines = open("/proc/self/cgroup").read().splitlines()
+    except OSError:
+        return None
+    v2_rel = None
+    for line in lines:
+        hid, ctrls, rel = line.split(":", 2)
+        if controller in ctrls.split(","):
+            for base in (f"/sys/fs/cgroup/{controller}", f"/sys/fs/cgroup/{ctrls}"):
+                if os.path.isdir(base):
+                    return os.path.join(base, rel.lstrip("/")), False
+        if hid == "0" and ctrls == "":
+            v2_rel = rel
+    if v2_rel is not None:
+        for base in ("/sys/fs/cgroup/unified", "/sys/fs/cgroup"):
+            if os.path.exists(os.path.join(base, "cgroup.controllers")):
+                return os.path.join(base, v2_rel.lstrip("/")), True
+    return None
+
+
+def _make_cgroups(limits: SandboxLimits, tag: str) -> list[tuple[str, str]]:
+    """Create per-run cgroups where writable. Returns [(kind, dir)], kind pids|memory."""
+    made: list[tuple[str, str]] = []
+    if os.geteuid() != 0:
+        return made
+    mem = str(limits.group_memory_mb * _MB)
+    for controller in ("pids", "memory"):
+        own = _own_cgroup(controller)
+        if own is None:
+            continue
+        base, v2 = own
+        path = os.path.join(base, f"uniopd-sbx-{tag}" + ("" if v2 else f"-{controller}"))
+        if any(p == path for _, p in made):  # cgroup v2: one directory for both
+            path_made = True
+        else:
+            try:
+                os.mkdir(path)
+                path_made = False
+            except OSError:
+                continue
+        try:
+            if controller == "pids":
+                _write(os.path.join(path, "pids.max"), str(limits.nproc + 4))
+            elif v2:
+                _write(os.path.join(path, "memory.max"), mem)
+                if os.path.exists(os.path.join(path, "memory.swap.max")):
+                    _write(os.path.join(path, "memory.swap.max"), "0")
+            else:
+                _write(os.path.join(path, "memory.limit_in_bytes"), mem)
+                if os.path.exists(os.path.join(path, "memory.memsw.limit_in_bytes")):
+                    try:
+                        _write(os.path.join(path, "memory.memsw.limit_in_bytes"), mem)
+                    except OSError:
+                        pass
+            made.append((controller, path))
+        except OSError:
+            if not path_made:
+                _remove_cgroup(path)
+    return made
+
+
+def _cgroup_pids(path: str) -> list[int]:
+    try:
+        return [int(x) for x in open(os.path.join(path, "cgroup.procs")).read().split()]
+    except (OSError, ValueError):
+        return []
+
+
+def _kill_cgroup(path: str, rounds: int = 200) -> None:
+    kill_file = os.path.join(path, "cgroup.kill")  # cgroup v2 >= 5.14
+    if os.path.exists(kill_file):
+        try:
+            _write(kill_file, "1")
+        except OSError:
+            pass
+    for _ in range(rounds):
+        pids = _cgroup_pids(path)
+        if not pids:
+            return
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        time.sleep(0.005)
+
+
+def _remove_cgroup(path: str) -> None:
+    for _ in range(100):
+        try:
+            os.rmdir(path)
+            return
+        except FileNotFoundError:
+            return
+        except OSError:
+            _kill_cgroup(path, rounds=5)
+            time.sleep(0.01)
+
+
+def _killpg(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except OSError:
+        pass
+
+
+def run(
+    argv: list[str],
+    *,
+    files: dict[str, str | bytes] | None = None,
+    stdin: bytes | str = b"",
+    limits: SandboxLimits | None = None,
+    fd3_data: bytes | None = None,
+    run_id: str | None = None,
+) -> SandboxResult:
+    """Run `argv` (argv[0] an absolute path) in the sandbox.
+
+    files: written into the (empty) working directory before the program starts.
+    fd3_data: if given, the program can read these bytes once from file descriptor 3
+    (a pipe); used to hand a secret sentinel to a test harness without putting it in
+    the program's files, arguments or environment.
+    run_id: a public tag naming this run's cgroups (random by default).
+    """
+    limits = limits or SandboxLimits()
+    if isinstance(stdin, str):
+        stdin = stdin.encode()
+    run_id = run_id or secrets.token_hex(6)
+    if not run_id.isalnum():
+        raise ValueError(f"run_id must be alphanumeric, got {run_id!r}")
+    start = time.monotonic()
+    private = tempfile.mkdtemp(prefix="uniopd-sbx-priv-")  # 0700, only the caller reads it
+    workdir = tempfile.mkdtemp(prefix="uniopd-sbx-work-")
+    srcdir = os.path.join(private, "src")
+    os.mkdir(srcdir)
+    cgroups: list[tuple[str, str]] = []
+    proc: subprocess.Popen | None = None
+    status_r = status_w = -1
+    clean = False  # the launcher reported the program's end: nothing of the run is left
+    try:
+        for name, content in (files or {}).items():
+            if os.path.isabs(name) or ".." in name.split("/") or "/" in name:
+                raise ValueError(f"sandbox file names must be plain names, got {name!r}")
+            mode = "wb" if isinstance(content, bytes) else "w"
+            with open(os.path.join(srcdir, name), mode) as f:
+                f.write(content)
+        stdin_path = os.path.join(private, "stdin")
+        with open(stdin_path, "wb") as f:
+            f.write(stdin)
+        is_root = os.geteuid() == 0
+        uid = gid = None
+        if is_root:
+            uid = gid = _UID_BASE + random.randrange(_UID_SPAN)
+        cgroups = _make_cgroups(limits, run_id)
+        cpu_s = limits.cpu_s if limits.cpu_s is not None else int(limits.timeout_s + 0.999) + 1
+        cfg = {
+            "argv": list(argv),
+            "env": dict(_SAFE_ENV, HOME=workdir, TMPDIR=workdir),
+            "workdir": workdir,
+            "srcdir": srcdir,
+            "uid": uid,
+            "gid": gid,
+            "cgroups": [[kind, p] for kind, p in cgroups],
+            "network": limits.network,
+            "namespaces": limits.namespaces,
+            "fd3_data": fd3_data.hex() if fd3_data is not None else None,
+            "expose": _expose_paths(),
+            "hide": ["/root", "/home"],
+            "limits": {
+                "cpu_s": int(max(1, cpu_s)),
+                "memory": limits.memory_mb * _MB,
+                "fsize": limits.fsize_mb * _MB,
+                "nproc": limits.nproc,
+                "nofile": limits.nofile,
+                "tmpfs_mb": limits.tmpfs_mb,
+            },
+        }
+        cfg_path = os.path.join(private, "config.json")
+        with open(cfg_path, "w") as f:
+            json.dump(cfg, f)
+        status_r, status_w = os.pipe()
+        with open(stdin_path, "rb") as stdin_f:
+            proc = subprocess.Popen(
+                [_python_for_sandbox(), "-I", "-S", "-B", _LAUNCHER, cfg_path, str(status_w), run_id],
+                stdin=stdin_f,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                pass_fds=(status_w,),
+                start_new_session=True,
+                env=dict(_SAFE_ENV),
+                cwd="/",
+                close_fds=True,
+            )
+        os.close(status_w)
+        status_w = -1
+        out, err, status_bytes, timed_out, exceeded = _collect(proc, status_r, start + limits.timeout_s, limits.output_bytes, cgroups)
+        status = _parse_status(status_bytes)
+        exit_code = status.get("exit")
+        sig = status.get("signal")
+        error = status.get("error", "")
+        if sig in (signal.SIGXCPU,) and not exceeded:
+            timed_out = True
+        if not status.get("done") and not timed_out and not exceeded and not error:
+            error = f"sandbox launcher ended without a result (code {proc.returncode}): " + err.decode("utf-8", "replace")[-300:]
+        if timed_out:
+            exit_code = None
+        if exit_code == 127 and err.startswith(_START_FAILURE):
+            error = err.decode("utf-8", "replace").strip()[:300]
+        clean = bool(status.get("done")) and not (timed_out or exceeded)
+        return SandboxResult(
+            uid=uid if status.get("isolation", {}).get("uid") else None,
+            exit_code=exit_code,
+            term_signal=sig,
+            stdout=out,
+            stderr=err,
+            timed_out=timed_out,
+            output_exceeded=exceeded,
+            duration_s=time.monotonic() - start,
+            isolation=status.get("isolation", {}),
+            error=error,
+            run_id=run_id,
+        )
+    except Exception as exc:  # the sandbox itself failed
+        return SandboxResult(None, None, b"", b"", False, False, time.monotonic() - start, {}, f"sandbox error: {exc!r}", run_id)
+    finally:
+        if proc is not None:
+            if not clean:  # (after a clean end the group is gone and its id may be reused)
+                _killpg(proc.pid)
+            for _, path in cgroups:
+                _kill_cgroup(path)
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            for stream in (proc.stdout, proc.stderr):
+                if stream is not None:
+                    stream.close()
+        for fd in (status_r, status_w):
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        for path in sorted({p for _, p in cgroups}):
+            _remove_cgroup(path)
+        shutil.rmtree(private, ignore_errors=True)
+        _rmtree_workdir(workdir)
+
+
+def _rmtree_workdir(workdir: str) -> None:
+    shutil.rmtree(workdir, ignore_errors=True)
+    if os.path.exists(workdir):  # e.g. files the program made read-only (plain mode)
+        for root, dirs, _ in os.walk(workdir):
+            for d in dirs:
+                try:
+                    os.chmod(os.path.join(root, d), 0o700)
+                except OSError:
+                    pass
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _collect(proc, status_fd, deadline, cap, cgroups):
+    """Read stdout/stderr/status until the launcher is done, the deadline or the cap."""
+    bufs = {proc.stdout.fileno(): bytearray(), proc.stderr.fileno(): bytearray(), status_fd: bytearray()}
+    open_fds = set(bufs)
+    sel = selectors.DefaultSelector()
+    for fd in bufs:
+        sel.register(fd, selectors.EVENT_READ)
+    timed_out = exceeded = False
+    exited_at = None
+    try:
+        while open_fds:
+            now = time.monotonic()
+            if now >= deadline:
+                timed_out = proc.poll() is None or exited_at is None
+                break
+            if exited_at is None and proc.poll() is not None:
+                exited_at = now
+            if exited_at is not None and now - exited_at > 0.5:
+                break  # launcher gone; stragglers holding the pipes are killed below
+            for key, _ in sel.select(timeout=min(0.1, deadline - now)):
+                fd = key.fd
+                try:
+                    chunk = os.read(fd, 65536)
+                except OSError:
+                    chunk = b""
+                if not chunk:
+                    sel.unregister(fd)
+                    open_fds.discard(fd)
+                    continue
+                buf = bufs[fd]
+                if fd != status_fd and len(buf) + len(chunk) > cap:
+                    buf += chunk[: max(0, cap - len(buf))]
+                    exceeded = True
+                else:
+                    buf += chunk
+            if exceeded:
+                break
+        if timed_out or exceeded:
+            _killpg(proc.pid)
+            for _, path in cgroups:
+                _kill_cgroup(path)
+        # The status pipe carries the final report; read what is left without blocking long.
+        end = time.monotonic() + (0.5 if not (timed_out or exceeded) else 0.2)
+        while status_fd in open_fds and time.monotonic() < end:
+            if not sel.select(timeout=0.05):
+                continue
+            try:
+                chunk = os.read(status_fd, 65536)
+            except OSError:
+                chunk = b""
+            if not chunk:
+                break
+            bufs[status_fd] += chunk
+    finally:
+        sel.close()
+    return (bytes(bufs[proc.stdout.fileno()]), bytes(bufs[proc.stderr.fileno()]), bytes(bufs[status_fd]), timed_out, exceeded)
+
+
+def _parse_status(data: bytes) -> dict[str, Any]:
+    status: dict[str, Any] = {}
+    for line in data.decode("utf-8", "replace").splitlines():
+        try:
+            status.update(json.loads(line))
+        except ValueError:
+            pass
+    return status
+
+
+_PROBE: dict[str, bool] | None = None
+
+
+def isolation_available() -> dict[str, bool]:
+    """Which protections work on this machine (probed once with a trivial program)."""
+    global _PROBE
+    if _PROBE is None:
+        res = run([_python_for_sandbox(), "-I", "-S", "-c", "pass"], limits=SandboxLimits(timeout_s=20))
+        _PROBE = dict(res.isolation)
+        if res.error:
+            _PROBE["error"] = False
+    return dict(_PROBE)
+
+
+# The harness a Python program runs under: it reads an optional secret from fd 3 first,
+# runs prog.py, and only if that returns normally writes the secret as the last line of
+# stdout. A program that exits early (sys.exit, os._exit, a signal) never prints it.
+PYTHON_HARNESS = """\
+import os, sys
+def _uniopd_harness():
+    try:
+        done = os.read(3, 4096)
+        os.close(3)
+    except OSError:
+        done = b""
+    path = os.path.abspath("prog.py")
+    sys.argv = [path]
+    code = compile(open(path, encoding="utf-8").read(), path, "exec")
+    exec(code, {"__name__": __MODULE_NAME__, "__file__": path, "__builtins__": __builtins__})
+    sys.stdout.flush()
+    if done:
+        os.write(1, b"\\n" + done + b"\\n")
+_uniopd_harness()
+"""
+
+
+def run_python(
+    source: str,
+    *,
+    stdin: bytes | str = b"",
+    limits: SandboxLimits | None = None,
+    sentinel: bytes | None = None,
+    module_name: str = "__main__",
+    files: dict[str, str | bytes] | None = None,
+) -> SandboxResult:
+    """Run Python `source` (as prog.py, `__name__ == module_name`) in the sandbox.
+
+    sentinel: if given, it is printed as the last line of stdout only when the whole
+    program ran to the end (it travels through a pipe on fd 3, not through the program's
+    files, arguments or environment).
+    """
+    if not module_name.isidentifier():
+        raise ValueError(f"module_name must be an identifier, got {module_name!r}")
+    harness = PYTHON_HARNESS.replace("__MODULE_NAME__", repr(module_name))
+    run_id = secrets.token_hex(6)
+    # The run id is an extra argument, so this run's processes can be found by command line.
+    argv = [_python_for_sandbox(), "-I", "-B", "-c", harness, f"uniopd-sandbox-{run_id}"]
+    all_files = dict(files or {})
+    all_files["prog.py"] = source
+    return run(argv, files=all_files, stdin=stdin, limits=limits, fd3_data=sentinel, run_id=run_id)

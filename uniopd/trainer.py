@@ -1,0 +1,282 @@
+"""The OPD training loop.
+
+One step:  prompts → rollout (student, n per prompt) → verify (outcomes) → online balance
+→ teacher scoring (routed by domain, teacher view) → token advantages → margin calibration
+→ PPO update → metrics / checkpoint.  Each phase is one call; nothing reaches back upstream.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from uniopd.algo.advantages import outcome_advantages, reverse_kl_advantages
+from uniopd.batch import StepBatch
+from uniopd.checkpoint import find_resumable, load_trainer_state, save_checkpoint
+from uniopd.config import RunConfig, save_config
+from uniopd.data.records import PromptRecord
+from uniopd.data.sampler import PromptSampler
+from uniopd.logger import MetricsLogger
+from uniopd.models.forward import output_head
+from uniopd.models.loading import LoadedModel, check_vocabularies, load_model
+from uniopd.rewards import verify_batch
+from uniopd.rollout.hf import Sample, generate
+from uniopd.setup import load_prompt_records, prepare_prompts
+from uniopd.teachers.local import LocalTeacher
+from uniopd.teachers.router import Router
+from uniopd.update import policy_update
+from uniopd.utils import rng_state, resolve_device, seed_everything, set_rng_state
+
+log = logging.getLogger(__name__)
+
+
+class TrainingStopped(RuntimeError):
+    """Too many consecutive steps with non-finite loss or gradients."""
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, *, records: list[PromptRecord] | None = None,
+                 student: LoadedModel | None = None, teachers: dict[str, LoadedModel] | None = None):
+        self.cfg = cfg
+        if cfg.trainer.threads:
+            torch.set_num_threads(cfg.trainer.threads)
+        seed_everything(cfg.trainer.seed)
+        self.device = resolve_device(cfg.trainer.device)
+        self.run_dir = Path(cfg.trainer.output_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+
+        records = records if records is not None else load_prompt_records(cfg.data, cfg.data.train)
+        self.router = Router(cfg.teachers)
+        self.router.check(records)  # unroutable records fail here, before any model loads
+
+        self.student = student or load_model(cfg.model, "model", device=self.device)
+        self.teachers = self._load_teachers(teachers or {})
+        self.records, self.prompt_ids, self.prompt_stats = prepare_prompts(
+            records, self.student.tokenizer, cfg.model, cfg.data)
+        self._ids_by_record = {r.id: ids for r, ids in zip(self.records, self.prompt_ids)}
+
+        self.optimizer = torch.optim.AdamW(self.student.model.parameters(), lr=cfg.trainer.lr,
+                                           betas=tuple(cfg.trainer.betas), weight_decay=cfg.trainer.weight_decay)
+        warmup = cfg.trainer.warmup_steps
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup > 0 else 1.0)
+        self.sampler = PromptSampler(list(range(len(self.records))), seed=cfg.trainer.seed,
+                                     shuffle=cfg.data.shuffle)
+        self.generator = torch.Generator(self.device).manual_seed(cfg.trainer.seed)
+        self.generator_cpu = torch.Generator().manual_seed(cfg.trainer.seed + 1)  # balancing choices
+        self.step_idx = 0
+        self.bad_steps = 0
+        self._stop_signal: int | None = None
+        save_config(cfg, self.run_dir / "config.yaml")
+
+    # ------------------------------------------------------------------ setup helpers
+    def _load_teachers(self, given: dict[str, LoadedModel]) -> dict[str, LocalTeacher]:
+        out = {}
+        for name, tcfg in self.cfg.teachers.items():
+            if name in given:
+                loaded = given[name]
+            elif tcfg.self_distill:
+                import copy
+
+                model = copy.deepcopy(self.student.model).eval().requires_grad_(False)
+                loaded = LoadedModel(model, self.student.tokenizer, f"{self.student.source} (frozen copy)")
+            else:
+                loaded = load_model(tcfg, f"teachers.{name}", device=self.device, trainable=False)
+            check_vocabularies(self.student, loaded, name)
+            out[name] = LocalTeacher(name, tcfg, loaded, chunk_size=self.cfg.loss.chunk_size,
+                                     micro_batch_size=self.cfg.trainer.micro_batch_size)
+        return out
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step_idx, "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "sampler": self.sampler.state_dict(),
+                "rng": rng_state(), "generator": self.generator.get_state(), "generator_cpu": self.generator_cpu.get_state(),
+                "bad_steps": self.bad_steps}
+
+    def save(self) -> Path:
+        return save_checkpoint(self.run_dir, self.step_idx, self.student.model, self.student.tokenizer,
+                               self.state_dict(), keep=self.cfg.trainer.keep_checkpoints)
+
+    def resume(self) -> bool:
+        """Continue from the newest verified checkpoint in the run directory, if any."""
+        path = find_resumable(self.run_dir)
+        if path is None:
+            return False
+        from uniopd.models.weights import load_weights
+
+        load_weights(self.student.model, path)
+        state = load_trainer_state(path)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.sampler.load_state_dict(state["sampler"])
+        set_rng_state(state["rng"])
+        self.generator.set_state(state["generator"])
+        self.generator_cpu.set_state(state["generator_cpu"])
+        self.step_idx, self.bad_steps = state["step"], state["bad_steps"]
+        log.info("resumed from %s at step %d", path, self.step_idx)
+        return True
+
+    # ------------------------------------------------------------------ one step, phase by phase
+    def rollout(self, indices: list[int], n: int) -> list[list[Sample]]:
+        tok = self.student.tokenizer
+        return generate(self.student.model, [self.prompt_ids[i] for i in indices], self.cfg.rollout, n=n,
+                        eos_ids={tok.eos_token_id}, pad_id=tok.pad_token_id, generator=self.generator)
+
+    def verify(self, records: list[PromptRecord], samples: list[Sample]) -> tuple[torch.Tensor, torch.Tensor]:
+        texts = self.student.tokenizer.batch_decode([s.response_ids for s in samples], skip_special_tokens=True)
+        outcomes = verify_batch(texts, records, domain_defaults=self.cfg.data.domain_verifiers or None)
+        return (torch.tensor([o.correct for o in outcomes], dtype=torch.bool),
+                torch.tensor([o.score for o in outcomes], dtype=torch.float32))
+
+    def collect(self, indices: list[int]) -> tuple[StepBatch, dict[str, float]]:
+        """Rollout + verify, with correctness-aware oversampling and selection when enabled."""
+        from uniopd.balance_online import collect_balanced
+
+        return collect_balanced(self, indices)
+
+    def score(self, batch: StepBatch, *, return_hidden: bool = False) -> None:
+        """Teacher log-probs for every response token, each row scored by its routed teacher."""
+        batch.teacher_names = [self.router.teacher_for(r) for r in batch.records]
+        teacher_logp_BT = torch.zeros_like(batch.old_logp_BT)
+        for name, teacher in self.teachers.items():
+            rows = [b for b, t in enumerate(batch.teacher_names) if t == name]
+            if not rows:
+                continue
+            scores = teacher.score([batch.records[b] for b in rows], [batch.samples[b].response_ids for b in rows],
+                                   return_hidden=return_hidden)
+            lengths = [len(batch.samples[b].response_ids) for b in rows]
+            for b, logp, hid in zip(rows, scores.logp_N.cpu().split(lengths),
+                                    scores.hidden_NH.split(lengths) if return_hidden else [None] * len(rows)):
+                teacher_logp_BT[b, : len(logp)] = logp
+                if hid is not None:
+                    batch.teacher_hidden[b] = hid
+        batch.teacher_logp_BT = teacher_logp_BT
+
+    def advantages(self, batch: StepBatch) -> dict[str, float]:
+        """Token advantages, then margin calibration; returns the calibration metrics."""
+        from uniopd.calibrate import calibrate
+
+        lc = self.cfg.loss
+        adv_BT = reverse_kl_advantages(batch.old_logp_BT, batch.teacher_logp_BT, batch.mask_BT, kl_coef=lc.kl_coef)
+        batch.adv_BT, batch.keep_B, metrics = calibrate(adv_BT, batch, self.cfg.calibration)
+        if lc.outcome_weight:
+            out_B = outcome_advantages(batch.score_B, batch.group_ids_B, baseline=lc.outcome_baseline)
+            batch.adv_BT = batch.adv_BT + lc.outcome_weight * out_B[:, None] * batch.mask_BT
+        return metrics
+
+    def update(self, batch: StepBatch) -> dict[str, float]:
+        heads = {n: output_head(t.model) for n, t in self.teachers.items()} if self.cfg.loss.kind != "sampled" else None
+        prompt_ids = [self.prompt_ids_for(r) for r in batch.records]
+        result = policy_update(self.student, batch, self.optimizer, loss_cfg=self.cfg.loss,
+                               trainer_cfg=self.cfg.trainer, prompt_ids=prompt_ids,
+                               temperature=self.cfg.rollout.temperature, teacher_heads=heads)
+        self.scheduler.step()
+        if result.skipped_steps:
+            self.bad_steps += 1
+            if self.bad_steps >= self.cfg.trainer.max_bad_steps:
+                raise TrainingStopped(f"{self.bad_steps} consecutive steps had a non-finite loss or gradient; "
+                                      f"stopping without saving (last good checkpoint is intact)")
+        else:
+            self.bad_steps = 0
+        result.metrics["update/skipped"] = float(result.skipped_steps)
+        return result.metrics
+
+    def prompt_ids_for(self, record: PromptRecord) -> list[int]:
+        return self._ids_by_record[record.id]
+
+    def step(self) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        timings: dict[str, float] = {}
+        t = time.perf_counter()
+        indices = self.sampler.next(self.cfg.rollout.prompts_per_step)
+        batch, balance_metrics = self.collect(indices)
+        timings["time/rollout"] = time.perf_counter() - t - balance_metrics["time/verify"]
+
+        t = time.perf_counter()
+        self.score(batch, return_hidden=self.cfg.loss.kind != "sampled")
+        timings["time/teacher"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        calib_metrics = self.advantages(batch)
+        update_metrics = self.update(batch)
+        timings["time/update"] = time.perf_counter() - t
+
+        self.step_idx += 1
+        metrics = {**self.step_metrics(batch), **balance_metrics, **calib_metrics, **update_metrics, **timings}
+        total = sum(timings.values()) + balance_metrics["time/verify"]
+        metrics["time/step"] = total
+        metrics["tokens_per_s"] = float(batch.mask_BT.sum()) / max(total, 1e-9)
+        metrics["lr"] = self.scheduler.get_last_lr()[0]
+        return metrics, self.samples_for_log(batch)
+
+    def step_metrics(self, batch: StepBatch) -> dict[str, float]:
+        mask = batch.mask_BT
+        kl_BT = (batch.old_logp_BT - batch.teacher_logp_BT) * mask
+        lengths = mask.sum(1).float()
+        out = {"teacher_kl": float(kl_BT.sum() / mask.sum().clamp(min=1)),
+               "acc": float(batch.correct_B.float().mean()), "score": float(batch.score_B.mean()),
+               "resp_len": float(lengths.mean()),
+               "truncated": float(sum(not s.finished for s in batch.samples)) / max(batch.size, 1)}
+        by_domain: dict[str, list[int]] = defaultdict(list)
+        by_teacher: dict[str, list[int]] = defaultdict(list)
+        for b, r in enumerate(batch.records):
+            by_domain[r.domain].append(b)
+            by_teacher[batch.teacher_names[b]].append(b)
+        for prefix, groups in (("domain", by_domain), ("teacher", by_teacher)):
+            if len(groups) < 2 and prefix == "teacher":
+                continue
+            for key, rows in groups.items():
+                m = mask[rows]
+                out[f"{prefix}/{key}/teacher_kl"] = float(kl_BT[rows].sum() / m.sum().clamp(min=1))
+                out[f"{prefix}/{key}/acc"] = float(batch.correct_B[rows].float().mean())
+        return out
+
+    def samples_for_log(self, batch: StepBatch) -> list[dict[str, Any]]:
+        n = min(self.cfg.logging.log_samples, batch.size)
+        texts = self.student.tokenizer.batch_decode([s.response_ids for s in batch.samples[:n]],
+                                                    skip_special_tokens=True)
+        return [{"id": batch.records[b].id, "response": texts[b], "correct": bool(batch.correct_B[b])}
+                for b in range(n)]
+
+    # ------------------------------------------------------------------ the loop
+    def _on_signal(self, signum, frame) -> None:
+        self._stop_signal = signum
+        log.warning("signal %d: finishing this step, saving a checkpoint, then exiting", signum)
+
+    def train(self) -> dict[str, Any]:
+        cfg = self.cfg.trainer
+        logger = MetricsLogger(self.run_dir, self.cfg.logging, cfg.steps, start_step=self.step_idx)
+        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        last: dict[str, Any] = {}
+        try:
+            while self.step_idx < cfg.steps and self._stop_signal is None:
+                metrics, samples = self.step()
+                if cfg.eval_every and self.cfg.data.eval and self.step_idx % cfg.eval_every == 0:
+                    metrics.update(self.evaluate())
+                logger.log(self.step_idx, metrics, samples)
+                last = metrics
+                if cfg.save_every and self.step_idx % cfg.save_every == 0:
+                    self.save()
+            if self._stop_signal is not None or (cfg.save_every == 0 or self.step_idx % cfg.save_every):
+                self.save()
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+            logger.close()
+        return {"step": self.step_idx, "metrics": last, "run_dir": str(self.run_dir),
+                "metrics_path": str(logger.metrics_path), "stopped_by_signal": self._stop_signal}
+
+    def evaluate(self) -> dict[str, float]:
+        from uniopd.evaluate import evaluate_model
+
+        records = load_prompt_records(self.cfg.data, self.cfg.data.eval)
+        result = evaluate_model(self.student, records, self.cfg.rollout, self.cfg.model, self.cfg.data,
+                                k=self.cfg.trainer.eval_n, generator=torch.Generator(self.device).manual_seed(0),
+                                progress=False)
+        return {f"eval/{k}": v for k, v in result["metrics"].items()}

@@ -1,0 +1,131 @@
+"""The student update: mini-batches of rows, micro-batches for memory, one loss.
+
+Each optimizer step sees `rows / trainer.mini_batches` responses; they are pushed through
+the student `trainer.micro_batch_size` at a time with gradients accumulated, every
+micro-batch's loss divided by the token count of its whole mini-batch so the result
+equals one big token-mean batch. A non-finite loss or gradient norm skips the optimizer
+step (the caller counts it), so one bad batch never reaches the weights or a checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from uniopd.algo.losses.chunked import chunked_dense_loss
+from uniopd.algo.losses.sampled import ppo_clip_loss
+from uniopd.batch import StepBatch
+from uniopd.config import LossConfig, TrainerConfig
+from uniopd.models.forward import build_layout, output_head, response_logprobs
+from uniopd.models.loading import LoadedModel
+
+
+@dataclass
+class UpdateResult:
+    metrics: dict[str, float]
+    skipped_steps: int  # optimizer steps skipped for non-finite values
+
+
+def dense_loss_options(cfg: LossConfig) -> tuple[str, dict]:
+    """The registered dense-loss name and its keyword options for `loss.kind`."""
+    if cfg.kind == "full":
+        return ("full_reverse" if cfg.direction == "reverse" else "full_forward"), {"temperature": cfg.temperature}
+    if cfg.kind == "jsd":
+        return "jsd", {"beta": cfg.beta, "temperature": cfg.temperature}
+    if cfg.kind == "mix":
+        return "mix", {"forward_weight": cfg.forward_weight, "temperature": cfg.temperature}
+    if cfg.kind == "topk":
+        return "topk", {"k": cfg.topk, "source": cfg.topk_source, "renormalize": cfg.topk_renormalize,
+                        "tail": cfg.topk_tail, "direction": cfg.direction, "temperature": cfg.temperature}
+    raise ValueError(f"loss.kind={cfg.kind!r} is not a dense loss")
+
+
+def _dense_loss_sum(student_hidden_NH: torch.Tensor, student_head: torch.Tensor, batch: StepBatch, rows: list[int],
+                    teacher_heads: dict[str, torch.Tensor], mask_N: torch.Tensor, cfg: LossConfig,
+                    vocab_size: int) -> torch.Tensor:
+    """Sum (not mean) of the configured dense loss over this micro-batch's tokens, per teacher."""
+    name_kind, opts = dense_loss_options(cfg)
+    teacher_hidden_NH = torch.cat([batch.teacher_hidden[r] for r in rows]).to(student_hidden_NH.device)
+    lengths = torch.tensor([len(batch.samples[r].response_ids) for r in rows])
+    owner_N = torch.repeat_interleave(torch.arange(len(rows)), lengths).to(mask_N.device)
+    total = student_hidden_NH.new_zeros((), dtype=torch.float32)
+    for name in sorted({batch.teacher_names[r] for r in rows}):
+        is_owner = torch.tensor([batch.teacher_names[r] == name for r in rows], device=mask_N.device)
+        sel_N = is_owner[owner_N] & mask_N
+        n = int(sel_N.sum())
+        if n:
+            # Heads may be padded past the tokenizer differently; compare on the real vocabulary.
+            mean = chunked_dense_loss(student_hidden_NH[sel_N], student_head[:vocab_size], teacher_hidden_NH[sel_N],
+                                      teacher_heads[name][:vocab_size], None, name_kind,
+                                      chunk_size=cfg.chunk_size, **opts)
+            total = total + mean * n
+    return total
+
+
+def policy_update(student: LoadedModel, batch: StepBatch, optimizer: torch.optim.Optimizer, *,
+                  loss_cfg: LossConfig, trainer_cfg: TrainerConfig, prompt_ids: list[list[int]],
+                  temperature: float, teacher_heads: dict[str, torch.Tensor] | None = None) -> UpdateResult:
+    model = student.model
+    device = next(model.parameters()).device
+    assert batch.adv_BT is not None and batch.keep_B is not None
+    mask_BT = batch.mask_BT & batch.keep_B[:, None]
+    rows = [b for b in range(batch.size) if bool(mask_BT[b].any())]
+    dense = loss_cfg.kind != "sampled"
+    sums = {"loss": 0.0, "pg_loss": 0.0, "dense_loss": 0.0, "clip_frac": 0.0, "approx_kl": 0.0,
+            "grad_norm": 0.0}
+    n_opt, skipped = 0, 0
+    if not rows:
+        return UpdateResult({"update/rows": 0.0}, 0)
+    model.train()
+    per_mini = math.ceil(len(rows) / trainer_cfg.mini_batches)
+    for m_start in range(0, len(rows), per_mini):
+        mini = rows[m_start: m_start + per_mini]
+        n_tokens = float(mask_BT[mini].sum())
+        optimizer.zero_grad(set_to_none=True)
+        finite = True
+        for u_start in range(0, len(mini), trainer_cfg.micro_batch_size):
+            micro = mini[u_start: u_start + trainer_cfg.micro_batch_size]
+            layout = build_layout([prompt_ids[r] for r in micro], [batch.samples[r].response_ids for r in micro],
+                                  student.tokenizer.pad_token_id, device)
+            logp_N, hidden_NH = response_logprobs(model, layout, chunk_size=loss_cfg.chunk_size,
+                                                  temperature=temperature, return_hidden=dense)
+            idx = (torch.tensor(micro)[layout.row_N.cpu()], layout.col_N.cpu())
+            mask_N = mask_BT[idx].to(device)
+            loss = logp_N.new_zeros(())
+            if loss_cfg.kind == "sampled" or loss_cfg.outcome_weight:
+                # With a dense loss the sampled-token term carries only the outcome advantage.
+                adv_N = batch.adv_BT[idx].to(device)
+                pg, stats = ppo_clip_loss(logp_N, batch.old_logp_BT[idx].to(device), adv_N, mask_N,
+                                          clip_low=loss_cfg.clip_low, clip_high=loss_cfg.clip_high,
+                                          normalizer=n_tokens)
+                loss = loss + pg
+                sums["pg_loss"] += pg.item()
+                share = float(mask_N.sum()) / max(n_tokens, 1.0)
+                sums["clip_frac"] += float(stats["clip_frac"]) * share
+                sums["approx_kl"] += float(stats["approx_kl"]) * share
+            if dense:
+                d = _dense_loss_sum(hidden_NH, output_head(model), batch, micro, teacher_heads or {}, mask_N,
+                                    loss_cfg, student.vocab_size) / max(n_tokens, 1.0)
+                loss = loss + loss_cfg.dense_weight * d
+                sums["dense_loss"] += d.item()
+            if not torch.isfinite(loss):
+                finite = False
+                break
+            loss.backward()
+            sums["loss"] += loss.item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            model.parameters(), trainer_cfg.grad_clip if trainer_cfg.grad_clip > 0 else float("inf"))
+        if not finite or not torch.isfinite(grad_norm):
+            optimizer.zero_grad(set_to_none=True)
+            skipped += 1
+            continue
+        optimizer.step()
+        sums["grad_norm"] += float(grad_norm)
+        n_opt += 1
+    optimizer.zero_grad(set_to_none=True)
+    metrics = {k: v / max(n_opt, 1) for k, v in sums.items()}
+    metrics["update/rows"] = float(len(rows))
+    metrics["update/tokens"] = float(mask_BT.sum())
+    return UpdateResult(metrics, skipped)
