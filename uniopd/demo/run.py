@@ -1,0 +1,110 @@
+"""`uniopd demo`: plain OPD and Uni-OPD on multi-digit addition, offline, on a CPU.
+
+1. Data from reasoning-gym: OPD training prompts (seeded by --seed) and a fixed held-out set.
+2. A teacher and a weaker student are built once (SFT from scratch) and cached.
+3. Each method distils the same student from the same teacher with `uniopd.trainer`.
+4. Student-before, student-after (per method) and teacher accuracy on the held-out prompts.
+The teacher and student builds do not depend on --seed (so they are cached once); --seed
+changes the OPD prompts, their order and every sampled rollout.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from uniopd.config import ModelConfig, load_config, to_dict
+from uniopd.data.loader import write_records
+from uniopd.demo.build import STUDENT, TEACHER, arithmetic_records, build_model, default_cache_dir
+from uniopd.evaluate import evaluate_model
+from uniopd.models.loading import load_model
+
+EVAL_SEED = 424_242
+DEFAULT_STEPS = 150
+
+
+def method_overrides(method: str) -> list[str]:
+    """The demo's recipe for each method: identical except for the Uni-OPD switches."""
+    if method == "opd":
+        return []
+    if method == "uniopd":
+        return ["calibration.enabled=true", "calibration.method=shift", "calibration.delta=0.4",
+                "balance.online=true", "balance.oversample=2.0", "balance.max_resample=1"]
+    raise ValueError(f"unknown demo method {method!r} (choose opd or uniopd)")
+
+
+def demo_config(student: Path, teacher: Path, train_file: Path, out: Path, *, seed: int, steps: int,
+                method: str, progress: bool):
+    base = [f"model.path={student}", f"teachers.teacher.path={teacher}", f"data.train={train_file}",
+            f"trainer.output_dir={out}", f"trainer.seed={seed}", f"trainer.steps={steps}",
+            "model.chat_template=false", "teachers.teacher.chat_template=false",
+            "rollout.prompts_per_step=32", "rollout.n=8", "rollout.max_new_tokens=6", "rollout.batch_size=512",
+            "trainer.lr=2e-3", "trainer.warmup_steps=10", "trainer.micro_batch_size=256", "trainer.save_every=0",
+            "trainer.keep_checkpoints=1", "loss.clip_high=0.28", f"logging.progress={str(progress).lower()}"]
+    return load_config(None, base + method_overrides(method))
+
+
+def _accuracy(model_dir: Path, records, *, threads: int | None = None) -> float:
+    loaded = load_model(ModelConfig(path=str(model_dir), chat_template=False), trainable=False)
+    cfg = load_config(None, ["rollout.max_new_tokens=6", "rollout.batch_size=512"])
+    res = evaluate_model(loaded, records, cfg.rollout, cfg.model, cfg.data, greedy=True, progress=False)
+    return res["metrics"]["avg@1"]
+
+
+def run_demo(*, seed: int = 0, out_dir: Path = Path("runs/demo"), steps: int | None = None,
+             methods: list[str] = ("opd", "uniopd"), cache_dir: Path | None = None, progress: bool = True,
+             log=print) -> dict[str, Any]:
+    from uniopd.trainer import Trainer
+
+    t0 = time.perf_counter()
+    torch.set_num_threads(max(1, min(torch.get_num_threads(), 4)))
+    steps = steps or DEFAULT_STEPS
+    cache_dir = cache_dir or default_cache_dir() / "demo"
+    out_dir = Path(out_dir)
+    data_dir = out_dir / "data"
+    train_recs = arithmetic_records(2000, seed=1000 + seed, prefix="train")
+    eval_recs = arithmetic_records(300, seed=EVAL_SEED, prefix="heldout")
+    train_file, eval_file = data_dir / "train.jsonl", data_dir / "heldout.jsonl"
+    write_records(train_file, train_recs)
+    write_records(eval_file, eval_recs)
+    log(f"uniopd demo: 2-digit addition from reasoning-gym; {len(train_recs)} training prompts, "
+        f"{len(eval_recs)} held-out (data in {data_dir})")
+
+    teacher_dir, cached_t = build_model("teacher", TEACHER, cache_dir, progress=progress, log=log)
+    student_dir, cached_s = build_model("student", STUDENT, cache_dir, progress=progress, log=log)
+    log(f"teacher: {teacher_dir}{' (cached)' if cached_t else ''}")
+    log(f"student: {student_dir}{' (cached)' if cached_s else ''}")
+
+    acc_teacher = _accuracy(teacher_dir, eval_recs)
+    acc_before = _accuracy(student_dir, eval_recs)
+    log(f"held-out accuracy (greedy): teacher {acc_teacher:.1%}, student before OPD {acc_before:.1%}")
+    results: dict[str, Any] = {"seed": seed, "steps": steps, "teacher_acc": acc_teacher,
+                               "student_before_acc": acc_before, "methods": {}}
+    for method in methods:
+        run_dir = out_dir / method
+        cfg = demo_config(student_dir, teacher_dir, train_file, run_dir, seed=seed, steps=steps, method=method,
+                          progress=progress)
+        t = time.perf_counter()
+        result = Trainer(cfg).train()
+        final = Path(run_dir) / "checkpoints" / f"step_{result['step']:06d}"
+        acc_after = _accuracy(final, eval_recs)
+        results["methods"][method] = {"student_after_acc": acc_after, "train_seconds": time.perf_counter() - t,
+                                      "metrics_path": result["metrics_path"], "checkpoint": str(final),
+                                      "final_teacher_kl": result["metrics"].get("teacher_kl")}
+        log(f"{method:>7}: student after {steps} steps {acc_after:.1%} ({time.perf_counter() - t:.0f}s); "
+            f"metrics: {result['metrics_path']}")
+
+    log("")
+    log(f"{'':18s}{'held-out accuracy':>18s}")
+    log(f"{'teacher':18s}{acc_teacher:>18.1%}")
+    log(f"{'student before':18s}{acc_before:>18.1%}")
+    for method, r in results["methods"].items():
+        log(f"{'student + ' + method:18s}{r['student_after_acc']:>18.1%}")
+    results["total_seconds"] = time.perf_counter() - t0
+    (out_dir / "summary.json").write_text(json.dumps(results, indent=2) + "\n")
+    log(f"\nsummary: {out_dir / 'summary.json'}  ({results['total_seconds']:.0f}s in all)")
+    return results
