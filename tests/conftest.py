@@ -2,28 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
-
-from uniopd.demo.tokenizer import char_tokenizer
+from helpers import make_tiny_model, write_jsonl
 
 torch.set_num_threads(2)
-
-
-def make_tiny_model(path: Path, *, layers: int = 2, hidden: int = 32, seed: int = 0, tokenizer=None) -> Path:
-    tok = tokenizer or char_tokenizer()
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
-                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=128, tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
-                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="session")
@@ -36,11 +21,6 @@ def tiny_teacher_dir(tmp_path_factory) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("teacher"), layers=2, hidden=48, seed=2)
 
 
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
 @pytest.fixture
 def arithmetic_file(tmp_path) -> Path:
     rows = [{"id": f"p{i}", "domain": "arithmetic", "prompt": f"{i}+{i + 1}=", "answer": str(2 * i + 1),
@@ -48,11 +28,3 @@ def arithmetic_file(tmp_path) -> Path:
     return write_jsonl(tmp_path / "train.jsonl", rows)
 
 
-def tiny_run_config(student: Path, teacher: Path, data: Path, out: Path, **overrides):
-    from uniopd.config import load_config
-
-    base = [f"model.path={student}", f"teachers.t.path={teacher}", f"data.train={data}",
-            f"trainer.output_dir={out}", "rollout.prompts_per_step=4", "rollout.n=2",
-            "rollout.max_new_tokens=6", "trainer.micro_batch_size=4", "trainer.lr=1e-3",
-            "trainer.steps=2", "logging.progress=false", "logging.tensorboard=false"]
-    return load_config(None, base + [f"{k}={v}" for k, v in overrides.items()])

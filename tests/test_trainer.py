@@ -1,0 +1,129 @@
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from helpers import make_tiny_model, tiny_run_config, write_jsonl
+from uniopd.algo.metrics import reverse_kl_mean
+from uniopd.models.loading import VocabularyMismatch
+from uniopd.trainer import Trainer, TrainingStopped
+
+
+def _full_reverse_kl(trainer: Trainer, samples) -> float:
+    """Full-vocabulary KL(S||T) at the positions that predict response tokens."""
+    from uniopd.models.forward import build_layout
+
+    layout = build_layout([s.prompt_ids for s in samples], [s.response_ids for s in samples],
+                          trainer.student.tokenizer.pad_token_id)
+    mask = torch.zeros(layout.input_ids_BL.shape, dtype=torch.bool).view(-1)
+    mask[layout.pred_index_N] = True
+    with torch.no_grad():
+        args = dict(input_ids=layout.input_ids_BL, attention_mask=layout.attention_mask_BL)
+        s_logits = trainer.student.model(**args).logits
+        t_logits = trainer.teachers["t"].model(**args).logits
+    return float(reverse_kl_mean(s_logits, t_logits, mask.view(layout.input_ids_BL.shape)))
+
+
+@pytest.fixture
+def sharp_teacher_dir(tmp_path):
+    """A teacher with a peaked distribution, far from the near-uniform random student."""
+    path = make_tiny_model(tmp_path / "sharp", hidden=48, seed=3)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path)
+    with torch.no_grad():
+        model.model.norm.weight.mul_(6.0)
+    model.save_pretrained(path)
+    return path
+
+
+def test_opd_steps_pull_the_student_towards_the_teacher(tiny_student_dir, sharp_teacher_dir, tmp_path):
+    rows = [{"id": f"q{i}", "domain": "arithmetic", "prompt": f"{i}+{i}=", "answer": str(2 * i)} for i in range(4)]
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    cfg = tiny_run_config(tiny_student_dir, sharp_teacher_dir, data, tmp_path / "run", **{
+        "trainer.steps": 40, "trainer.lr": 1e-2, "rollout.n": 8, "rollout.max_new_tokens": 8,
+        "trainer.save_every": 0, "trainer.micro_batch_size": 32})
+    trainer = Trainer(cfg)
+    tok = trainer.student.tokenizer
+    # Probe on the states the student itself visits at the start (the states OPD trains on).
+    from uniopd.rollout.hf import generate
+
+    groups = generate(trainer.student.model, trainer.prompt_ids, cfg.rollout, n=2, eos_ids={tok.eos_token_id},
+                      pad_id=tok.pad_token_id, generator=torch.Generator().manual_seed(9))
+    probe = [s for g in groups for s in g]
+    before = _full_reverse_kl(trainer, probe)
+    result = trainer.train()
+    after = _full_reverse_kl(trainer, probe)
+    assert after < 0.8 * before, (before, after)
+    lines = [json.loads(line) for line in open(result["metrics_path"])]
+    assert len(lines) == 40
+    early = sum(r["teacher_kl"] for r in lines[:3]) / 3
+    late = sum(r["teacher_kl"] for r in lines[-3:]) / 3
+    assert late < early, (early, late)
+    for key in ("loss", "teacher_kl", "acc", "resp_len", "tokens_per_s", "time/rollout", "time/teacher",
+                "time/update", "time/verify", "grad_norm", "lr"):
+        assert math.isfinite(lines[-1][key]), key
+
+
+def _weights(path):
+    return load_file(str(path / "model.safetensors"))
+
+
+def test_resume_continues_exactly(tiny_student_dir, tiny_teacher_dir, arithmetic_file, tmp_path):
+    common = {"trainer.steps": 3, "trainer.save_every": 1, "trainer.keep_checkpoints": 5, "trainer.warmup_steps": 2}
+    full = Trainer(tiny_run_config(tiny_student_dir, tiny_teacher_dir, arithmetic_file, tmp_path / "a", **common))
+    full.train()
+
+    part = Trainer(tiny_run_config(tiny_student_dir, tiny_teacher_dir, arithmetic_file, tmp_path / "b",
+                                   **{**common, "trainer.steps": 1}))
+    part.train()
+    resumed = Trainer(tiny_run_config(tiny_student_dir, tiny_teacher_dir, arithmetic_file, tmp_path / "b", **common))
+    assert resumed.resume() and resumed.step_idx == 1
+    resumed.train()
+    a = _weights(tmp_path / "a" / "checkpoints" / "step_000003")
+    b = _weights(tmp_path / "b" / "checkpoints" / "step_000003")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    # and the data position and sampled responses continued, not restarted
+    rows_a = [json.loads(x) for x in open(tmp_path / "a" / "metrics.jsonl")]
+    rows_b = [json.loads(x) for x in open(tmp_path / "b" / "metrics.jsonl")]
+    assert [r["teacher_kl"] for r in rows_a] == [r["teacher_kl"] for r in rows_b]
+
+
+def test_non_finite_losses_skip_updates_and_stop_the_run(tiny_student_dir, tiny_teacher_dir, arithmetic_file,
+                                                         tmp_path, monkeypatch):
+    cfg = tiny_run_config(tiny_student_dir, tiny_teacher_dir, arithmetic_file, tmp_path / "r",
+                          **{"trainer.steps": 10, "trainer.max_bad_steps": 3, "trainer.save_every": 1})
+    trainer = Trainer(cfg)
+    before = {k: v.clone() for k, v in trainer.student.model.state_dict().items()}
+    real_score = trainer.score
+
+    def poisoned(batch, **kw):
+        real_score(batch, **kw)
+        batch.teacher_logp_BT = torch.full_like(batch.teacher_logp_BT, float("nan"))
+
+    monkeypatch.setattr(trainer, "score", poisoned)
+    with pytest.raises(TrainingStopped, match="3 consecutive steps"):
+        trainer.train()
+    after = trainer.student.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    for ckpt in (tmp_path / "r" / "checkpoints").glob("step_*"):
+        assert all(torch.isfinite(t).all() for t in _weights(ckpt).values())
+
+
+def test_vocabulary_mismatch_fails_before_training(tiny_student_dir, arithmetic_file, tmp_path):
+    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {t: i for i, t in enumerate(["<pad>", "<s>", "</s>", "<unk>"] + list("0123456789+="))}
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    other = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                    unk_token="<unk>")
+    teacher = make_tiny_model(tmp_path / "other", tokenizer=other)
+    cfg = tiny_run_config(tiny_student_dir, teacher, arithmetic_file, tmp_path / "r")
+    with pytest.raises(VocabularyMismatch, match="different vocabularies"):
+        Trainer(cfg)
