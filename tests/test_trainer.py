@@ -62,8 +62,11 @@ def test_opd_steps_pull_the_student_towards_the_teacher(tiny_student_dir, sharp_
     early = sum(r["teacher_kl"] for r in lines[:3]) / 3
     late = sum(r["teacher_kl"] for r in lines[-3:]) / 3
     assert late < early, (early, late)
+    assert lines[-1]["diag/reverse_kl"] < lines[0]["diag/reverse_kl"]
+    assert sum(v for k, v in lines[-1].items() if k.startswith("diag/logratio_hist/")) == lines[-1]["update/tokens"]
     for key in ("loss", "teacher_kl", "acc", "resp_len", "tokens_per_s", "time/rollout", "time/teacher",
-                "time/update", "time/verify", "grad_norm", "lr"):
+                "time/update", "time/verify", "grad_norm", "lr", "diag/topk_overlap", "diag/shared_mass_student",
+                "diag/entropy_gap", "diag/reverse_kl", "diag/overlap_token_advantage"):
         assert math.isfinite(lines[-1][key]), key
 
 

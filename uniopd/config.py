@@ -217,6 +217,7 @@ class LoggingConfig:
     tensorboard: bool = _f(True, "write TensorBoard events in <run>/tb")
     progress: bool = _f(True, "show a progress bar with ETA")
     log_samples: int = _f(2, "responses written to samples.jsonl per step")
+    diagnostics: bool = _f(True, "log top-k overlap, shared mass, entropy gap, full reverse KL (diag/*)")
 
 
 @dataclass

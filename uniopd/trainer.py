@@ -172,11 +172,12 @@ class Trainer:
         return metrics
 
     def update(self, batch: StepBatch) -> dict[str, float]:
-        heads = {n: output_head(t.model) for n, t in self.teachers.items()} if self.cfg.loss.kind != "sampled" else None
+        heads = {n: output_head(t.model) for n, t in self.teachers.items()} if self.needs_teacher_hidden else None
         prompt_ids = [self.prompt_ids_for(r) for r in batch.records]
         result = policy_update(self.student, batch, self.optimizer, loss_cfg=self.cfg.loss,
                                trainer_cfg=self.cfg.trainer, prompt_ids=prompt_ids,
-                               temperature=self.cfg.rollout.temperature, teacher_heads=heads)
+                               temperature=self.cfg.rollout.temperature, teacher_heads=heads,
+                               diagnostics=self.cfg.logging.diagnostics)
         self.scheduler.step()
         if result.skipped_steps:
             self.bad_steps += 1
@@ -187,6 +188,11 @@ class Trainer:
             self.bad_steps = 0
         result.metrics["update/skipped"] = float(result.skipped_steps)
         return result.metrics
+
+    @property
+    def needs_teacher_hidden(self) -> bool:
+        """Dense losses and the token diagnostics need the teacher's hidden states (N x H, small)."""
+        return self.cfg.loss.kind != "sampled" or self.cfg.logging.diagnostics
 
     def prompt_ids_for(self, record: PromptRecord) -> list[int]:
         return self._ids_by_record[record.id]
@@ -199,7 +205,7 @@ class Trainer:
         timings["time/rollout"] = time.perf_counter() - t - balance_metrics["time/verify"]
 
         t = time.perf_counter()
-        self.score(batch, return_hidden=self.cfg.loss.kind != "sampled")
+        self.score(batch, return_hidden=self.needs_teacher_hidden)
         timings["time/teacher"] = time.perf_counter() - t
 
         t = time.perf_counter()
@@ -223,6 +229,13 @@ class Trainer:
                "acc": float(batch.correct_B.float().mean()), "score": float(batch.score_B.mean()),
                "resp_len": float(lengths.mean()),
                "truncated": float(sum(not s.finished for s in batch.samples)) / max(batch.size, 1)}
+        if self.cfg.logging.diagnostics:
+            from uniopd.algo.metrics import DEFAULT_LOGRATIO_EDGES, logratio_histogram
+
+            counts = logratio_histogram(batch.old_logp_BT, batch.teacher_logp_BT, mask)
+            edges = ("-inf",) + DEFAULT_LOGRATIO_EDGES
+            for lo, count in zip(edges, counts.tolist()):
+                out[f"diag/logratio_hist/{lo}"] = float(count)
         by_domain: dict[str, list[int]] = defaultdict(list)
         by_teacher: dict[str, list[int]] = defaultdict(list)
         for b, r in enumerate(batch.records):

@@ -64,15 +64,40 @@ def _dense_loss_sum(student_hidden_NH: torch.Tensor, student_head: torch.Tensor,
     return total
 
 
+@torch.no_grad()
+def _diagnostic_sums(student_hidden_NH: torch.Tensor, student_head: torch.Tensor, batch: StepBatch, rows: list[int],
+                     teacher_heads: dict[str, torch.Tensor], mask_N: torch.Tensor, k: int, vocab_size: int,
+                     chunk_size: int) -> list[dict[str, float]]:
+    """Top-k overlap, shared mass, entropies and full reverse KL on the visited states, chunked."""
+    from uniopd.algo.metrics import token_diagnostic_sums
+
+    teacher_hidden_NH = torch.cat([batch.teacher_hidden[r] for r in rows]).to(student_hidden_NH.device)
+    owners = [batch.teacher_names[r] for r in rows for _ in batch.samples[r].response_ids]
+    out = []
+    for start in range(0, len(owners), chunk_size):
+        end = min(start + chunk_size, len(owners))
+        for name in sorted(set(owners[start:end])):
+            sel = torch.tensor([o == name for o in owners[start:end]], device=mask_N.device) & mask_N[start:end]
+            if not sel.any():
+                continue
+            s_logits = student_hidden_NH[start:end][sel].detach() @ student_head[:vocab_size].T
+            t_logits = teacher_hidden_NH[start:end][sel] @ teacher_heads[name][:vocab_size].T
+            ones = torch.ones(1, s_logits.shape[0], dtype=torch.bool, device=s_logits.device)
+            out.append(token_diagnostic_sums(s_logits[None], t_logits[None], ones, k=min(k, vocab_size)))
+    return out
+
+
 def policy_update(student: LoadedModel, batch: StepBatch, optimizer: torch.optim.Optimizer, *,
                   loss_cfg: LossConfig, trainer_cfg: TrainerConfig, prompt_ids: list[list[int]],
-                  temperature: float, teacher_heads: dict[str, torch.Tensor] | None = None) -> UpdateResult:
+                  temperature: float, teacher_heads: dict[str, torch.Tensor] | None = None,
+                  diagnostics: bool = False) -> UpdateResult:
     model = student.model
     device = next(model.parameters()).device
     assert batch.adv_BT is not None and batch.keep_B is not None
     mask_BT = batch.mask_BT & batch.keep_B[:, None]
     rows = [b for b in range(batch.size) if bool(mask_BT[b].any())]
     dense = loss_cfg.kind != "sampled"
+    diag_sums: list[dict[str, float]] = []
     sums = {"loss": 0.0, "pg_loss": 0.0, "dense_loss": 0.0, "clip_frac": 0.0, "approx_kl": 0.0,
             "grad_norm": 0.0}
     n_opt, skipped = 0, 0
@@ -90,9 +115,12 @@ def policy_update(student: LoadedModel, batch: StepBatch, optimizer: torch.optim
             layout = build_layout([prompt_ids[r] for r in micro], [batch.samples[r].response_ids for r in micro],
                                   student.tokenizer.pad_token_id, device)
             logp_N, hidden_NH = response_logprobs(model, layout, chunk_size=loss_cfg.chunk_size,
-                                                  temperature=temperature, return_hidden=dense)
+                                                  temperature=temperature, return_hidden=dense or diagnostics)
             idx = (torch.tensor(micro)[layout.row_N.cpu()], layout.col_N.cpu())
             mask_N = mask_BT[idx].to(device)
+            if diagnostics and m_start == 0:  # the states visited, before this step's update
+                diag_sums += _diagnostic_sums(hidden_NH, output_head(model), batch, micro, teacher_heads or {},
+                                              mask_N, loss_cfg.topk, student.vocab_size, loss_cfg.chunk_size)
             loss = logp_N.new_zeros(())
             if loss_cfg.kind == "sampled" or loss_cfg.outcome_weight:
                 # With a dense loss the sampled-token term carries only the outcome advantage.
@@ -126,6 +154,10 @@ def policy_update(student: LoadedModel, batch: StepBatch, optimizer: torch.optim
         n_opt += 1
     optimizer.zero_grad(set_to_none=True)
     metrics = {k: v / max(n_opt, 1) for k, v in sums.items()}
+    if diag_sums:
+        from uniopd.algo.metrics import reduce_diagnostic_sums
+
+        metrics.update(reduce_diagnostic_sums(diag_sums))
     metrics["update/rows"] = float(len(rows))
     metrics["update/tokens"] = float(mask_BT.sum())
     return UpdateResult(metrics, skipped)

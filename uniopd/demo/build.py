@@ -32,14 +32,42 @@ def default_cache_dir() -> Path:
     return Path(base).expanduser()
 
 
-def arithmetic_records(n: int, *, seed: int, digits: int = 2, prefix: str = "add") -> list[PromptRecord]:
-    """n addition problems from reasoning-gym's basic_arithmetic generator."""
+DIGITS = 2
+EVAL_SEED = 424_242
+
+
+def arithmetic_records(n: int, *, seed: int, digits: int = DIGITS, prefix: str = "add",
+                       exclude: set[str] | frozenset[str] = frozenset()) -> list[PromptRecord]:
+    """n addition problems from reasoning-gym's basic_arithmetic generator.
+
+    The generator draws each term from 0..10**digits, so terms of different lengths
+    ("Calculate 7 + 58.") are mixed in; we keep only problems whose terms all have exactly
+    `digits` digits (prompt and answer untouched, as reasoning-gym wrote them). Fixed-width
+    operands put every digit at a fixed offset, which a tiny char-level model learns several
+    times faster. Prompts in `exclude` (the held-out set) are skipped.
+    """
     import reasoning_gym as rg
 
+    lo, hi = 10 ** (digits - 1), 10 ** digits
     ds = rg.create_dataset("basic_arithmetic", min_terms=2, max_terms=2, min_digits=digits, max_digits=digits,
-                           operators=("+",), allow_parentheses=False, allow_negation=False, size=n, seed=seed)
-    return [PromptRecord(id=f"{prefix}-{seed}-{i}", domain="arithmetic", prompt=ds[i]["question"],
-                         answer=str(ds[i]["answer"]), verifier="exact") for i in range(n)]
+                           operators=("+",), allow_parentheses=False, allow_negation=False, size=4 * n + 100,
+                           seed=seed)
+    out: list[PromptRecord] = []
+    for i in range(len(ds)):
+        item = ds[i]
+        terms = [int(t) for t in item["metadata"]["expression"].split("+")]
+        if not all(lo <= t < hi for t in terms) or item["question"] in exclude:
+            continue
+        out.append(PromptRecord(id=f"{prefix}-{seed}-{i}", domain="arithmetic", prompt=item["question"],
+                                answer=str(item["answer"]), verifier="exact"))
+        if len(out) == n:
+            return out
+    raise RuntimeError(f"reasoning-gym gave only {len(out)} of {n} {digits}-digit problems (seed {seed})")
+
+
+def heldout_records(n: int = 300) -> list[PromptRecord]:
+    """The fixed held-out set; never used for SFT or OPD."""
+    return arithmetic_records(n, seed=EVAL_SEED, prefix="heldout")
 
 
 @dataclass
@@ -54,11 +82,12 @@ class TinyModelSpec:
     seed: int = 0
 
     def key(self, kind: str) -> str:
-        blob = json.dumps({"kind": kind, "v": 1, **asdict(self)}, sort_keys=True)
+        blob = json.dumps({"kind": kind, "v": 2, "digits": DIGITS, "eval_seed": EVAL_SEED, **asdict(self)},
+                          sort_keys=True)
         return f"{kind}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
 
 
-TEACHER = TinyModelSpec(layers=3, hidden=128, heads=4, sft_steps=1400, sft_examples=40_000, lr=3e-3)
+TEACHER = TinyModelSpec(layers=3, hidden=128, heads=4, sft_steps=700, sft_examples=20_000, lr=3e-3)
 STUDENT = TinyModelSpec(layers=2, hidden=64, heads=4, sft_steps=150, sft_examples=20_000, lr=3e-3)
 
 
@@ -89,8 +118,9 @@ def build_model(kind: str, spec: TinyModelSpec, cache_dir: Path, *, progress: bo
     tokenizer = char_tokenizer()
     model = tiny_llama(tokenizer, spec)
     # Seeds far from the OPD/eval seeds so SFT data never overlaps the held-out prompts.
-    pairs = sft_pairs(arithmetic_records(spec.sft_examples, seed=10_000 + spec.seed, prefix=f"sft-{kind}"),
-                      tokenizer)
+    heldout = {r.prompt for r in heldout_records()}
+    pairs = sft_pairs(arithmetic_records(spec.sft_examples, seed=10_000 + spec.seed, prefix=f"sft-{kind}",
+                                         exclude=heldout), tokenizer)
     sft_train(LoadedModel(model, tokenizer, kind), pairs,
               SFTConfig(steps=spec.sft_steps, batch_size=spec.batch_size, lr=spec.lr, seed=spec.seed),
               progress=progress)

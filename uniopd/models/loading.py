@@ -14,6 +14,10 @@ from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
+
+# Loading bars for every model load clutter the training progress bar.
+hf_logging.disable_progress_bar()
 
 from uniopd.config import ModelConfig
 from uniopd.utils import resolve_path
@@ -90,6 +94,8 @@ def load_model(cfg: ModelConfig, key: str = "model", *, device: torch.device | s
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except Exception as exc:
         raise ModelLoadError(f"{key}.path={cfg.path!r}: cannot load model: {exc}") from exc
+    if gguf:
+        _forget_gguf_quantizer(model)
     model.to(device)
     if trainable:
         model.train()
@@ -101,6 +107,21 @@ def load_model(cfg: ModelConfig, key: str = "model", *, device: torch.device | s
     # Dropout would make rollout, scoring and update log-probs disagree; OPD wants them equal.
     _disable_dropout(model)
     return LoadedModel(model=model, tokenizer=tokenizer, source=cfg.path)
+
+
+def _forget_gguf_quantizer(model: torch.nn.Module) -> None:
+    """GGUF weights are dequantised to ordinary tensors on load; transformers still marks the
+    model as quantised and then refuses `save_pretrained`. Clear the mark so checkpoints of a
+    GGUF-initialised student are plain safetensors."""
+    model.hf_quantizer = None
+    for attr in ("is_quantized", "quantization_method"):
+        if hasattr(model, attr):
+            try:
+                setattr(model, attr, False if attr == "is_quantized" else None)
+            except AttributeError:  # read-only property in some versions
+                pass
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
 
 
 def _disable_dropout(model: torch.nn.Module) -> None:
