@@ -178,7 +178,8 @@ class Trainer:
                                trainer_cfg=self.cfg.trainer, prompt_ids=prompt_ids,
                                temperature=self.cfg.rollout.temperature, teacher_heads=heads,
                                diagnostics=self.cfg.logging.diagnostics)
-        self.scheduler.step()
+        if result.skipped_steps < self.cfg.trainer.mini_batches:
+            self.scheduler.step()  # a step whose updates were all skipped does not advance the schedule
         if result.skipped_steps:
             self.bad_steps += 1
             if self.bad_steps >= self.cfg.trainer.max_bad_steps:
