@@ -93,3 +93,39 @@ def test_config_command_lists_every_key(capsys):
     assert main(["config"]) == 0
     text = capsys.readouterr().out
     assert "calibration.delta" in text and "teachers.<name>.view" in text
+
+
+def test_generate_then_sft_then_train_is_a_pipeline(tiny_student_dir, tiny_teacher_dir, arithmetic_file, tmp_path):
+    recipe = _recipe(tmp_path, tiny_student_dir, tiny_teacher_dir, arithmetic_file)
+    responses = tmp_path / "responses.jsonl"
+    assert main(["generate", "-c", str(recipe), "--teacher", "t", "--k", "2", "--keep", "all",
+                 "--out", str(responses)]) == 0
+    rows = [json.loads(x) for x in responses.read_text().splitlines()]
+    assert len(rows) == 24 and {"id", "prompt", "response", "correct"} <= set(rows[0])
+    # A tiny random teacher is never right, so --keep correct writes nothing but reports it.
+    assert main(["generate", "-c", str(recipe), "--teacher", "t", "--k", "1", "--out",
+                 str(tmp_path / "none.jsonl")]) == 0
+    # SFT on fixed responses makes them likely under the student.
+    fixed = write_jsonl(tmp_path / "fixed.jsonl", [{"prompt": f"{i}+1=", "response": "7"} for i in range(6)])
+    out = tmp_path / "sft_student"
+    assert main(["sft", "-c", str(recipe), "--data", str(fixed), "--out", str(out), "sft.steps=30",
+                 "sft.lr=1e-2", "sft.batch_size=6"]) == 0
+    from uniopd.config import ModelConfig
+    from uniopd.models.loading import load_model
+    from uniopd.models.prompts import render_prompt
+    import torch
+
+    lm = load_model(ModelConfig(path=str(out)), trainable=False)
+    ids = render_prompt(lm.tokenizer, "3+1=")
+    with torch.no_grad():
+        probs = torch.softmax(lm.model(torch.tensor([ids])).logits[0, -1], -1)
+    assert probs[lm.tokenizer.convert_tokens_to_ids("7")] > 0.5
+    assert main(["train", "-c", str(recipe), f"model.path={out}", "trainer.steps=1"]) == 0
+
+
+def test_sft_bad_response_line_names_file_and_line(tiny_student_dir, tiny_teacher_dir, arithmetic_file, tmp_path,
+                                                   capsys):
+    recipe = _recipe(tmp_path, tiny_student_dir, tiny_teacher_dir, arithmetic_file)
+    bad = write_jsonl(tmp_path / "r.jsonl", [{"prompt": "1+1=", "response": "2"}, {"prompt": "2+2="}])
+    assert main(["sft", "-c", str(recipe), "--data", str(bad), "--out", str(tmp_path / "o")]) == 2
+    assert "r.jsonl:2: field 'response'" in capsys.readouterr().err

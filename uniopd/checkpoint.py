@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -51,11 +52,12 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, tokenizer:
     files = sorted(p for p in tmp.rglob("*") if p.is_file())
     for p in files:
         with open(p, "rb") as fh:
-            import os
-
             os.fsync(fh.fileno())
     manifest = {"step": step, "files": {str(p.relative_to(tmp)): _sha256(p) for p in files}}
-    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    with open(tmp / "manifest.json", "w") as fh:  # fsynced too: a renamed dir must never hold a torn manifest
+        fh.write(json.dumps(manifest, indent=1))
+        fh.flush()
+        os.fsync(fh.fileno())
     fsync_dir(tmp)
     if final.exists():
         shutil.rmtree(final)
@@ -69,14 +71,26 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, tokenizer:
 
 def verify_checkpoint(path: Path) -> dict[str, Any]:
     manifest_path = Path(path) / "manifest.json"
-    if not manifest_path.exists():
+    if not manifest_path.is_file():
         raise CheckpointError(f"{path}: no manifest.json (incomplete checkpoint)")
-    manifest = json.loads(manifest_path.read_text())
-    for rel, digest in manifest["files"].items():
+    try:
+        manifest = json.loads(manifest_path.read_bytes())
+    except (OSError, ValueError) as exc:  # ValueError covers JSONDecodeError and UnicodeDecodeError
+        raise CheckpointError(f"{path}: manifest.json is unreadable (corrupt): {exc}") from None
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
+        raise CheckpointError(f"{path}: manifest.json has no valid 'files' table (corrupt)")
+    if "trainer_state.pt" not in files or not any(str(rel).endswith(".safetensors") for rel in files):
+        raise CheckpointError(f"{path}: manifest.json does not list the weights and trainer_state.pt (corrupt)")
+    for rel, digest in files.items():
         f = Path(path) / rel
-        if not f.exists():
+        if not f.is_file():
             raise CheckpointError(f"{path}: {rel} is missing")
-        if _sha256(f) != digest:
+        try:
+            actual = _sha256(f)
+        except OSError as exc:
+            raise CheckpointError(f"{path}: {rel} is unreadable: {exc}") from None
+        if actual != digest:
             raise CheckpointError(f"{path}: {rel} does not match its recorded SHA-256 (corrupt)")
     return manifest
 
@@ -88,9 +102,15 @@ def find_resumable(run_dir: Path) -> Path | None:
         return None
     candidates = sorted(ckpt_root.glob("step_*"), reverse=True)
     latest = ckpt_root / "latest"
-    if latest.exists():
-        named = ckpt_root / latest.read_text().strip()
-        candidates = [named] + [c for c in candidates if c != named]
+    try:
+        named = latest.read_bytes().decode("utf-8", "replace").strip()
+    except OSError:  # absent (first checkpoint not finished) or unreadable: fall back to the newest
+        named = ""
+    by_name = {c.name: c for c in candidates}
+    if named in by_name:  # `latest` can only reorder real checkpoints, never name a path of its own
+        candidates = [by_name[named]] + [c for c in candidates if c.name != named]
+    elif named:
+        log.warning("skipping checkpoint: %s names %r, which is not a checkpoint here", latest, named[:80])
     for cand in candidates:
         try:
             verify_checkpoint(cand)

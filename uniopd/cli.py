@@ -1,4 +1,4 @@
-"""`uniopd` command line: train, eval, demo, balance, sft, generate, config."""
+"""`uniopd` command line: train, eval, demo, balance, generate, sft, config."""
 
 from __future__ import annotations
 
@@ -83,6 +83,32 @@ def cmd_balance(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    from uniopd.pipeline import generate_responses
+
+    cfg = load_config(args.config, list(args.overrides))
+    if args.model:
+        from uniopd.config import ModelConfig
+
+        model_cfg = ModelConfig(path=args.model, chat_template=cfg.model.chat_template)
+    elif args.teacher:
+        if args.teacher not in cfg.teachers:
+            raise ConfigError(f"--teacher {args.teacher!r}: not in teachers ({', '.join(cfg.teachers)})")
+        model_cfg = cfg.teachers[args.teacher]
+    else:
+        raise ConfigError("generate needs --teacher NAME (from the config) or --model PATH")
+    generate_responses(cfg, model_cfg, args.data or cfg.data.train, Path(args.out), k=args.k, keep=args.keep)
+    return 0
+
+
+def cmd_sft(args: argparse.Namespace) -> int:
+    from uniopd.pipeline import run_sft
+
+    cfg = load_config(args.config, list(args.overrides))
+    run_sft(cfg, Path(args.data), Path(args.out))
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     if args.config or args.overrides:
         import yaml
@@ -132,6 +158,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="balanced JSONL to write (a PNG histogram goes beside it)")
     p.add_argument("--work-dir", help="where pass-rate estimates are kept for resuming")
     p.set_defaults(fn=cmd_balance)
+
+    p = sub.add_parser("generate", help="sample responses with a teacher, keep the verified ones (for sft)")
+    _add_config_args(p)
+    p.add_argument("--teacher", help="a teacher name from the config")
+    p.add_argument("--model", help="or any model path / hub id / .gguf")
+    p.add_argument("--data", help="prompt file (default data.train)")
+    p.add_argument("--k", type=int, default=4, help="samples per prompt")
+    p.add_argument("--keep", default="correct", choices=["correct", "all"], help="which responses to write")
+    p.add_argument("--out", required=True, help="response JSONL to write")
+    p.set_defaults(fn=cmd_generate)
+
+    p = sub.add_parser("sft", help="fine-tune the student on a response file (off-policy cold start)")
+    _add_config_args(p)
+    p.add_argument("--data", required=True, help="response JSONL from `uniopd generate`")
+    p.add_argument("--out", required=True, help="directory for the fine-tuned student")
+    p.set_defaults(fn=cmd_sft)
 
     p = sub.add_parser("config", help="print every config key with its default and help, or a resolved config")
     _add_config_args(p)

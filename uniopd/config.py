@@ -212,6 +212,18 @@ class TrainerConfig:
 
 
 @dataclass
+class SFTSectionConfig:
+    steps: int = _f(200, "`uniopd sft`: optimizer steps on the response file")
+    batch_size: int = _f(16, "`uniopd sft`: sequences per step")
+    lr: float = _f(1e-5, "`uniopd sft`: peak learning rate (cosine decay)")
+    warmup_steps: int = _f(10, "`uniopd sft`: linear warmup steps")
+
+    def validate(self, key: str) -> None:
+        for name in ("steps", "batch_size"):
+            _check_range(f"{key}.{name}", getattr(self, name), 1)
+
+
+@dataclass
 class LoggingConfig:
     jsonl: bool = _f(True, "write metrics.jsonl in the run directory")
     tensorboard: bool = _f(True, "write TensorBoard events in <run>/tb")
@@ -230,6 +242,7 @@ class RunConfig:
     calibration: CalibrationConfig = _f(CalibrationConfig(), "teacher-side margin calibration")
     balance: BalanceConfig = _f(BalanceConfig(), "student-side data balancing")
     trainer: TrainerConfig = _f(TrainerConfig(), "optimisation and checkpoints")
+    sft: SFTSectionConfig = _f(SFTSectionConfig(), "off-policy cold start (`uniopd sft`)")
     logging: LoggingConfig = _f(LoggingConfig(), "metrics output")
 
     def validate(self) -> "RunConfig":

@@ -42,23 +42,38 @@ def dense_loss_options(cfg: LossConfig) -> tuple[str, dict]:
     raise ValueError(f"loss.kind={cfg.kind!r} is not a dense loss")
 
 
+def _tokens_by_teacher(batch: StepBatch, rows: list[int],
+                       device: torch.device) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """For each teacher: (indices into the micro-batch's flat tokens, its hidden states [n, H_teacher]).
+
+    Teachers may differ in width, so their hidden states are only ever stacked per teacher.
+    """
+    index: dict[str, list[int]] = {}
+    hidden: dict[str, list[torch.Tensor]] = {}
+    offset = 0
+    for r in rows:
+        n = len(batch.samples[r].response_ids)
+        name = batch.teacher_names[r]
+        index.setdefault(name, []).extend(range(offset, offset + n))
+        hidden.setdefault(name, []).append(batch.teacher_hidden[r])
+        offset += n
+    return {name: (torch.tensor(index[name], device=device), torch.cat(hidden[name]).to(device))
+            for name in sorted(index)}
+
+
 def _dense_loss_sum(student_hidden_NH: torch.Tensor, student_head: torch.Tensor, batch: StepBatch, rows: list[int],
                     teacher_heads: dict[str, torch.Tensor], mask_N: torch.Tensor, cfg: LossConfig,
                     vocab_size: int) -> torch.Tensor:
     """Sum (not mean) of the configured dense loss over this micro-batch's tokens, per teacher."""
     name_kind, opts = dense_loss_options(cfg)
-    teacher_hidden_NH = torch.cat([batch.teacher_hidden[r] for r in rows]).to(student_hidden_NH.device)
-    lengths = torch.tensor([len(batch.samples[r].response_ids) for r in rows])
-    owner_N = torch.repeat_interleave(torch.arange(len(rows)), lengths).to(mask_N.device)
     total = student_hidden_NH.new_zeros((), dtype=torch.float32)
-    for name in sorted({batch.teacher_names[r] for r in rows}):
-        is_owner = torch.tensor([batch.teacher_names[r] == name for r in rows], device=mask_N.device)
-        sel_N = is_owner[owner_N] & mask_N
-        n = int(sel_N.sum())
+    for name, (idx_n, teacher_hidden_nH) in _tokens_by_teacher(batch, rows, mask_N.device).items():
+        valid_n = mask_N[idx_n]
+        n = int(valid_n.sum())
         if n:
             # Heads may be padded past the tokenizer differently; compare on the real vocabulary.
-            mean = chunked_dense_loss(student_hidden_NH[sel_N], student_head[:vocab_size], teacher_hidden_NH[sel_N],
-                                      teacher_heads[name][:vocab_size], None, name_kind,
+            mean = chunked_dense_loss(student_hidden_NH[idx_n], student_head[:vocab_size], teacher_hidden_nH,
+                                      teacher_heads[name][:vocab_size], valid_n, name_kind,
                                       chunk_size=cfg.chunk_size, **opts)
             total = total + mean * n
     return total
@@ -71,17 +86,13 @@ def _diagnostic_sums(student_hidden_NH: torch.Tensor, student_head: torch.Tensor
     """Top-k overlap, shared mass, entropies and full reverse KL on the visited states, chunked."""
     from uniopd.algo.metrics import token_diagnostic_sums
 
-    teacher_hidden_NH = torch.cat([batch.teacher_hidden[r] for r in rows]).to(student_hidden_NH.device)
-    owners = [batch.teacher_names[r] for r in rows for _ in batch.samples[r].response_ids]
     out = []
-    for start in range(0, len(owners), chunk_size):
-        end = min(start + chunk_size, len(owners))
-        for name in sorted(set(owners[start:end])):
-            sel = torch.tensor([o == name for o in owners[start:end]], device=mask_N.device) & mask_N[start:end]
-            if not sel.any():
-                continue
-            s_logits = student_hidden_NH[start:end][sel].detach() @ student_head[:vocab_size].T
-            t_logits = teacher_hidden_NH[start:end][sel] @ teacher_heads[name][:vocab_size].T
+    for name, (idx_n, teacher_hidden_nH) in _tokens_by_teacher(batch, rows, mask_N.device).items():
+        keep = mask_N[idx_n]
+        s_hidden, t_hidden = student_hidden_NH[idx_n][keep].detach(), teacher_hidden_nH[keep]
+        for start in range(0, s_hidden.shape[0], chunk_size):
+            s_logits = s_hidden[start:start + chunk_size] @ student_head[:vocab_size].T
+            t_logits = t_hidden[start:start + chunk_size] @ teacher_heads[name][:vocab_size].T
             ones = torch.ones(1, s_logits.shape[0], dtype=torch.bool, device=s_logits.device)
             out.append(token_diagnostic_sums(s_logits[None], t_logits[None], ones, k=min(k, vocab_size)))
     return out

@@ -1,0 +1,1 @@
+"""Benchmarks for uniopd (not part of the installed package)."""
