@@ -389,3 +389,20 @@ def test_privilege_escalation_tools_do_not_help():
     )
     assert b"uid 0" not in res.stdout
     assert not os.path.exists("/tmp/uniopd-escape-2")
+
+
+def test_interpreter_under_a_private_directory_is_made_reachable(tmp_path):
+    """A venv inside a 0700 directory (e.g. made under `mktemp -d`) must still run sandboxed code."""
+    import stat as stat_mod
+
+    from uniopd.rewards.sandbox import _dirs_to_hide
+
+    private = tmp_path / "private"
+    venv = private / "venv"
+    venv.mkdir(parents=True)
+    private.chmod(0o700)
+    hide = _dirs_to_hide([str(venv)])
+    assert hide[:2] == ["/root", "/home"]
+    extra = hide[2:]
+    assert len(extra) == 1 and str(venv).startswith(extra[0] + "/")
+    assert not (private.parent.stat().st_mode & stat_mod.S_IXOTH) or extra[0] == str(private)

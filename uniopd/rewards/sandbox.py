@@ -38,8 +38,10 @@ import ctypes
 import json
 import os
 import signal
+import stat
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 # ----------------------------------------------------------------------------- constants
@@ -500,6 +502,29 @@ def _expose_paths() -> list[str]:
     return out
 
 
+def _dirs_to_hide(expose: list[str]) -> list[str]:
+    """/root and /home, plus every directory above an exposed path that others cannot enter.
+
+    The sandbox runs as an unprivileged uid, so an interpreter inside, say, a 0700 temporary
+    directory (a venv made under `mktemp -d`) would be unreachable. Masking such a directory
+    with a 0755 tmpfs and binding the exposed path back makes exactly that path reachable.
+    """
+    hide = ["/root", "/home"]
+    for path in expose:
+        for anc in reversed(Path(path).parents):
+            anc_s = str(anc)
+            if anc_s == "/" or any(anc_s == h or anc_s.startswith(h + "/") for h in hide):
+                continue
+            try:
+                mode = os.stat(anc_s).st_mode
+            except OSError:
+                continue
+            if not mode & stat.S_IXOTH:
+                hide.append(anc_s)
+                break
+    return hide
+
+
 def _own_cgroup(controller: str) -> tuple[str, bool] | None:
     """(path of this process's cgroup for `controller`, is_v2) or None."""
     try:
@@ -656,6 +681,7 @@ def run(
             uid = gid = _UID_BASE + random.randrange(_UID_SPAN)
         cgroups = _make_cgroups(limits, run_id)
         cpu_s = limits.cpu_s if limits.cpu_s is not None else int(limits.timeout_s + 0.999) + 1
+        expose = _expose_paths()
         cfg = {
             "argv": list(argv),
             "env": dict(_SAFE_ENV, HOME=workdir, TMPDIR=workdir),
@@ -667,8 +693,8 @@ def run(
             "network": limits.network,
             "namespaces": limits.namespaces,
             "fd3_data": fd3_data.hex() if fd3_data is not None else None,
-            "expose": _expose_paths(),
-            "hide": ["/root", "/home"],
+            "expose": expose,
+            "hide": _dirs_to_hide(expose),
             "limits": {
                 "cpu_s": int(max(1, cpu_s)),
                 "memory": limits.memory_mb * _MB,
