@@ -73,6 +73,7 @@ class Trainer:
         self.step_idx = 0
         self.bad_steps = 0
         self._stop_signal: int | None = None
+        self._eval_records: list[PromptRecord] | None = None
         save_config(cfg, self.run_dir / "config.yaml")
 
     # ------------------------------------------------------------------ setup helpers
@@ -289,8 +290,9 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         from uniopd.evaluate import evaluate_model
 
-        records = load_prompt_records(self.cfg.data, self.cfg.data.eval)
-        result = evaluate_model(self.student, records, self.cfg.rollout, self.cfg.model, self.cfg.data,
+        if self._eval_records is None:
+            self._eval_records = load_prompt_records(self.cfg.data, self.cfg.data.eval)
+        result = evaluate_model(self.student, self._eval_records, self.cfg.rollout, self.cfg.model, self.cfg.data,
                                 k=self.cfg.trainer.eval_n, generator=torch.Generator(self.device).manual_seed(0),
                                 progress=False)
         return {f"eval/{k}": v for k, v in result["metrics"].items()}

