@@ -36,6 +36,8 @@ def _check_choice(key: str, value: Any, choices: tuple) -> None:
 
 def _check_range(key: str, value: float, lo: float | None = None, hi: float | None = None,
                  lo_open: bool = False) -> None:
+    if value != value:  # NaN passes every comparison below
+        raise ConfigError(f"{key}: NaN is not allowed")
     if lo is not None and (value < lo or (lo_open and value == lo)):
         raise ConfigError(f"{key}: {value!r} must be {'>' if lo_open else '>='} {lo}")
     if hi is not None and value > hi:
@@ -344,10 +346,17 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
     return cls(**kwargs)
 
 
+# PyYAML's constructors raise more than YAMLError: "!!int x" (ValueError), "2024-02-30"
+# (ValueError), "!!int" (KeyError/AttributeError), deep nesting (RecursionError), bytes that
+# are not UTF-8 (UnicodeDecodeError, a ValueError).
+_YAML_FAILURES = (yaml.YAMLError, ValueError, TypeError, KeyError, AttributeError, IndexError, RecursionError)
+
+
 def _parse_scalar(text: str) -> Any:
     try:
         return yaml.safe_load(text)
-    except yaml.YAMLError:
+    except _YAML_FAILURES:
+        # Not YAML (or a bad tag such as "!!int x"): keep the text; the field type decides.
         return text
 
 
@@ -388,8 +397,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise ConfigError(f"config file not found: {path}")
         try:
             loaded = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
+        except (*_YAML_FAILURES, OSError) as exc:
+            raise ConfigError(f"{path}: cannot read the config: {type(exc).__name__}: {exc}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: top level must be a mapping of sections")
         tree = _merge(tree, loaded)
