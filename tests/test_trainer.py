@@ -130,3 +130,24 @@ def test_vocabulary_mismatch_fails_before_training(tiny_student_dir, arithmetic_
     cfg = tiny_run_config(tiny_student_dir, teacher, arithmetic_file, tmp_path / "r")
     with pytest.raises(VocabularyMismatch, match="different vocabularies"):
         Trainer(cfg)
+
+
+@pytest.mark.parametrize("kind, extra", [("topk", {"loss.topk": 4, "loss.topk_source": "union"}),
+                                         ("full", {}), ("full", {"loss.direction": "forward"}),
+                                         ("jsd", {"loss.beta": 0.3}), ("mix", {"loss.forward_weight": 0.7})])
+def test_dense_losses_train_end_to_end_and_log_overlap(kind, extra, tiny_student_dir, sharp_teacher_dir,
+                                                       arithmetic_file, tmp_path):
+    cfg = tiny_run_config(tiny_student_dir, sharp_teacher_dir, arithmetic_file, tmp_path / "run",
+                          **{"loss.kind": kind, "trainer.steps": 3, "trainer.lr": 1e-2, "trainer.save_every": 0,
+                             **extra})
+    trainer = Trainer(cfg)
+    rows = []
+    for _ in range(3):
+        metrics, _ = trainer.step()
+        rows.append(metrics)
+    assert all(math.isfinite(r["dense_loss"]) and r["dense_loss"] > 0 for r in rows)
+    assert rows[0]["pg_loss"] == 0.0  # no outcome weight: the dense loss is the whole objective
+    for key in ("diag/topk_overlap", "diag/shared_mass_student", "diag/shared_mass_teacher", "diag/entropy_gap"):
+        assert 0.0 <= rows[-1][key] or key == "diag/entropy_gap"
+    # the dense objective pulls the student's full distribution toward the teacher's
+    assert rows[-1]["diag/reverse_kl"] < rows[0]["diag/reverse_kl"]
