@@ -6,19 +6,24 @@ The schema is read from the dataclasses at test time, so new sections and fields
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import json
 import math
+import os
+import types
 import typing
 
 import pytest
 import yaml
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 from uniopd.config import ConfigError, RunConfig, field_help, load_config
 
-FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# UNIOPD_FUZZ_EXAMPLES=20000 for a longer hunt.
+FUZZ = settings(max_examples=int(os.environ.get("UNIOPD_FUZZ_EXAMPLES", 300)), deadline=None,
+                suppress_health_check=[HealthCheck.too_slow])
 
 REAL_KEYS = [key for key, _, _ in field_help()]
 TEACHER_NAMES = ["t", "math", "code", "a b", "1", "é", "<name>"]
@@ -92,7 +97,44 @@ def _json_ok(v: typing.Any) -> bool:
 _raw_value = st.one_of(st.sampled_from(YAML_SPECIAL), _text, _value_tree.map(_as_json),
                        _value_tree.map(lambda v: yaml.safe_dump(v, default_flow_style=True).strip()),
                        st.lists(st.sampled_from(YAML_SPECIAL), max_size=4).map("".join))
+
+
+def _leaf_type(dotted: str) -> typing.Any:
+    tp: typing.Any = RunConfig
+    for part in dotted.split("."):
+        tp = typing.get_type_hints(tp)[part] if dataclasses.is_dataclass(tp) else typing.get_args(tp)[1]
+    return tp
+
+
+def _typed(tp: typing.Any, default: typing.Any) -> st.SearchStrategy:
+    """Values of the field's own type (so validation ranges and choices get exercised, and some configs pass)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return st.one_of(*[st.none() if a is type(None) else _typed(a, default) for a in typing.get_args(tp)])
+    if origin is list:
+        return st.lists(_typed(typing.get_args(tp)[0], None), max_size=3)
+    if origin is dict:
+        return st.dictionaries(_text, _typed(typing.get_args(tp)[1], None), max_size=2)
+    base = {bool: st.booleans(), int: st.integers(-2, 300),
+            float: st.one_of(st.floats(-2, 3, allow_nan=False), st.sampled_from([0.0, 1e-3, 0.5, 1.0])),
+            str: _text}.get(tp, st.none())
+    return st.one_of(base, st.just(default)) if default is not None else base
+
+
+def _literal(text: str) -> typing.Any:
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return None
+
+
+_DEFAULTS = {key: _literal(default) for key, default, _ in field_help()}
+_plausible = st.sampled_from(REAL_KEYS).flatmap(lambda k: st.tuples(
+    st.just(k), st.sampled_from(TEACHER_NAMES[:3]), _typed(_leaf_type(k.replace("<name>", "t")), _DEFAULTS[k])
+)).map(lambda kv: f"{kv[0].replace('<name>', kv[1])}={json.dumps(kv[2], ensure_ascii=False)}")
+
 _assignment = st.one_of(
+    _plausible, _plausible,
     st.builds(lambda k, v: f"{k}={v}", _key, _raw_value),
     _text,  # no '=' at all, or a stray one somewhere
     st.builds(lambda k: k, _key),
@@ -104,7 +146,21 @@ _doc_key = st.one_of(st.sampled_from(SEGMENTS), st.sampled_from(SEGMENTS), _text
 _section = st.one_of(st.dictionaries(_doc_key, _value_tree, max_size=4), _value_tree,
                      st.dictionaries(st.sampled_from(TEACHER_NAMES),  # teachers.<name>.<field>
                                      st.dictionaries(st.sampled_from(SEGMENTS), _value_tree, max_size=3), max_size=2))
-_doc_tree = st.dictionaries(_doc_key, _section, max_size=4)
+
+
+def _nest(assignments: list[str]) -> dict:
+    tree: dict = {}
+    for a in assignments:
+        dotted, raw = a.split("=", 1)
+        *path, leaf = dotted.split(".")
+        node = tree
+        for part in path:
+            node = node.setdefault(part, {})
+        node[leaf] = json.loads(raw)
+    return tree
+
+
+_doc_tree = st.one_of(st.dictionaries(_doc_key, _section, max_size=4), st.lists(_plausible, max_size=5).map(_nest))
 _yaml_fragment = st.one_of(st.sampled_from(YAML_SPECIAL), st.sampled_from([s + ":" for s in SEGMENTS]),
                            st.sampled_from(["\n", "\n  ", "\n    ", ": ", "- ", ", "]), _text)
 _raw_doc = st.lists(_yaml_fragment, max_size=16).map("".join)
@@ -134,8 +190,10 @@ def test_overrides_give_a_config_or_a_config_error_naming_the_key(overrides):
         msg = str(exc)
         names = [n for o in overrides for n in _acceptable_names(o)]
         assert any(n in msg for n in names), (msg, names)
+        event("ConfigError")
     else:
         assert isinstance(cfg, RunConfig)
+        event("RunConfig")
 
 
 def _check_file(path, text: str) -> None:
@@ -144,6 +202,7 @@ def _check_file(path, text: str) -> None:
         cfg = load_config(path, [])
     except ConfigError as exc:
         msg = str(exc)
+        event("ConfigError")
         if str(path) in msg:
             return
         # Validation errors (checked after the tree is built) name the dotted key, which starts at a
@@ -152,6 +211,7 @@ def _check_file(path, text: str) -> None:
         assert isinstance(tree, dict) and any(msg.startswith(f"{k}.") or msg.startswith(f"{k}:") for k in tree), msg
     else:
         assert isinstance(cfg, RunConfig)
+        event("RunConfig")
 
 
 @pytest.fixture(scope="module")
@@ -185,24 +245,29 @@ def test_raw_yaml_text_gives_a_config_or_a_config_error_naming_the_file_or_key(d
     _check_file(doc_path, text)
 
 
-# ----------------------------------------------------------------------------- known gaps (bugs)
+# ----------------------------------------------------------------------------- regressions found by the fuzzer
 
 
-@pytest.mark.xfail(strict=True, raises=(ValueError, RecursionError), reason=(
-    "apply_override/_parse_scalar only catch yaml.YAMLError: PyYAML raises ValueError for ints over "
-    "Python's 4300-digit limit and RecursionError for deeply nested flow collections"))
-@pytest.mark.parametrize("override", ["trainer.seed=" + "9" * 5000, "rollout.n=" + "[" * 3000 + "]" * 3000])
-def test_unparseable_override_values_raise_config_error(override):
-    with pytest.raises(ConfigError, match=override.split("=")[0]):
-        load_config(None, [override])
+# Values on which PyYAML raises other exceptions than yaml.YAMLError (a plain impossible date too); these
+# once escaped load_config as ValueError/KeyError/AttributeError/IndexError/RecursionError.
+PYYAML_GAPS = {"bad_date": "2024-02-30", "int_tag": "!!int x", "float_tag": "!!float .", "bool_tag": "!!bool x",
+               "timestamp_tag": "!!timestamp x", "empty_tag": "!!int", "huge_int": "9" * 5000,
+               "deep": "[" * 700 + "]" * 700}
 
 
-@pytest.mark.xfail(strict=True, raises=(ValueError, RecursionError, OSError), reason=(
-    "load_config only catches yaml.YAMLError around read_text/safe_load: a non-UTF-8 file "
-    "(UnicodeDecodeError), a directory (IsADirectoryError), a huge int (ValueError) or deep nesting "
-    "(RecursionError) escape as other exceptions, and the message does not name the file"))
-@pytest.mark.parametrize("content", [b"\xff\xfetrainer: {}", b"trainer: {seed: " + b"9" * 5000 + b"}",
-                                     b"a: " + b"[" * 3000 + b"]" * 3000, None], ids=["latin1", "hugeint", "deep", "dir"])
+@pytest.mark.parametrize("value", list(PYYAML_GAPS.values()), ids=list(PYYAML_GAPS))
+def test_override_values_pyyaml_chokes_on_give_a_config_or_config_error(value):
+    try:
+        load_config(None, [f"model.revision={value}"])
+    except ConfigError as exc:
+        assert "model.revision" in str(exc)
+
+
+FILE_GAPS = {"not_utf8": b"\xff\xfetrainer: {}", "dir": None,
+             **{k: f"model:\n  revision: {v}\n".encode() for k, v in PYYAML_GAPS.items()}}
+
+
+@pytest.mark.parametrize("content", list(FILE_GAPS.values()), ids=list(FILE_GAPS))
 def test_unreadable_config_files_raise_config_error_naming_the_file(tmp_path, content):
     path = tmp_path / "recipe.yaml"
     if content is None:
@@ -213,8 +278,6 @@ def test_unreadable_config_files_raise_config_error_naming_the_file(tmp_path, co
         load_config(path, [])
 
 
-@pytest.mark.xfail(strict=True, reason="_check_range lets NaN through (every comparison with NaN is False), so "
-                                       "e.g. rollout.temperature=.nan validates")
 @pytest.mark.parametrize("override", ["rollout.temperature=.nan", "rollout.top_p=.nan", "loss.beta=.nan",
                                       "trainer.lr=.nan", "calibration.delta=.nan"])
 def test_nan_in_a_range_checked_field_is_rejected(override):

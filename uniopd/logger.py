@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from uniopd.config import LoggingConfig
+from uniopd.utils import atomic_write_text
 
 
 def _finite(value: Any) -> Any:
@@ -17,11 +18,31 @@ def _finite(value: Any) -> Any:
     return value
 
 
+def _truncate_after(path: Path, step: int) -> None:
+    """Keep only rows of steps <= `step` (and no torn last line).
+
+    A run killed after logging step N but before checkpointing it resumes at an earlier
+    step; without this, step N would appear twice. TensorBoard does the same (purge_step).
+    """
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                keep.append(line + "\n")
+        except (ValueError, AttributeError):
+            pass
+    atomic_write_text(path, "".join(keep))
+
+
 class MetricsLogger:
     def __init__(self, run_dir: Path, cfg: LoggingConfig, total_steps: int, start_step: int = 0):
         self.run_dir, self.cfg = Path(run_dir), cfg
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.run_dir / "metrics.jsonl"
+        for name in ("metrics.jsonl", "samples.jsonl"):
+            _truncate_after(self.run_dir / name, start_step)
         self._jsonl = open(self.metrics_path, "a") if cfg.jsonl else None
         self._samples = open(self.run_dir / "samples.jsonl", "a") if cfg.log_samples else None
         self._tb = None
