@@ -151,3 +151,19 @@ def test_dense_losses_train_end_to_end_and_log_overlap(kind, extra, tiny_student
         assert 0.0 <= rows[-1][key] or key == "diag/entropy_gap"
     # the dense objective pulls the student's full distribution toward the teacher's
     assert rows[-1]["diag/reverse_kl"] < rows[0]["diag/reverse_kl"]
+
+
+def test_out_of_memory_in_a_micro_batch_names_the_sizes(tiny_student_dir, tiny_teacher_dir, arithmetic_file,
+                                                        tmp_path, monkeypatch):
+    import uniopd.update as update_mod
+
+    cfg = tiny_run_config(tiny_student_dir, tiny_teacher_dir, arithmetic_file, tmp_path / "r",
+                          **{"trainer.micro_batch_size": 3})
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    trainer = Trainer(cfg)
+    monkeypatch.setattr(update_mod, "response_logprobs", oom)
+    with pytest.raises(update_mod.MicroBatchOOM, match=r"micro-batch of 3 sequences \(longest \d+ tokens"):
+        trainer.step()

@@ -22,6 +22,10 @@ from uniopd.models.forward import build_layout, output_head, response_logprobs
 from uniopd.models.loading import LoadedModel
 
 
+class MicroBatchOOM(RuntimeError):
+    """Out of memory in one micro-batch; the message carries the sizes that caused it."""
+
+
 @dataclass
 class UpdateResult:
     metrics: dict[str, float]
@@ -123,36 +127,45 @@ def policy_update(student: LoadedModel, batch: StepBatch, optimizer: torch.optim
         finite = True
         for u_start in range(0, len(mini), trainer_cfg.micro_batch_size):
             micro = mini[u_start: u_start + trainer_cfg.micro_batch_size]
-            layout = build_layout([prompt_ids[r] for r in micro], [batch.samples[r].response_ids for r in micro],
-                                  student.tokenizer.pad_token_id, device)
-            logp_N, hidden_NH = response_logprobs(model, layout, chunk_size=loss_cfg.chunk_size,
-                                                  temperature=temperature, return_hidden=dense or diagnostics)
-            idx = (torch.tensor(micro)[layout.row_N.cpu()], layout.col_N.cpu())
-            mask_N = mask_BT[idx].to(device)
-            if diagnostics and m_start == 0:  # the states visited, before this step's update
-                diag_sums += _diagnostic_sums(hidden_NH, output_head(model), batch, micro, teacher_heads or {},
-                                              mask_N, loss_cfg.topk, student.vocab_size, loss_cfg.chunk_size)
-            loss = logp_N.new_zeros(())
-            if loss_cfg.kind == "sampled" or loss_cfg.outcome_weight:
-                # With a dense loss the sampled-token term carries only the outcome advantage.
-                adv_N = batch.adv_BT[idx].to(device)
-                pg, stats = ppo_clip_loss(logp_N, batch.old_logp_BT[idx].to(device), adv_N, mask_N,
-                                          clip_low=loss_cfg.clip_low, clip_high=loss_cfg.clip_high,
-                                          normalizer=n_tokens)
-                loss = loss + pg
-                sums["pg_loss"] += pg.item()
-                share = float(mask_N.sum()) / max(n_tokens, 1.0)
-                sums["clip_frac"] += float(stats["clip_frac"]) * share
-                sums["approx_kl"] += float(stats["approx_kl"]) * share
-            if dense:
-                d = _dense_loss_sum(hidden_NH, output_head(model), batch, micro, teacher_heads or {}, mask_N,
-                                    loss_cfg, student.vocab_size) / max(n_tokens, 1.0)
-                loss = loss + loss_cfg.dense_weight * d
-                sums["dense_loss"] += d.item()
+            try:
+                layout = build_layout([prompt_ids[r] for r in micro], [batch.samples[r].response_ids for r in micro],
+                                      student.tokenizer.pad_token_id, device)
+                logp_N, hidden_NH = response_logprobs(model, layout, chunk_size=loss_cfg.chunk_size,
+                                                      temperature=temperature, return_hidden=dense or diagnostics)
+                idx = (torch.tensor(micro)[layout.row_N.cpu()], layout.col_N.cpu())
+                mask_N = mask_BT[idx].to(device)
+                if diagnostics and m_start == 0:  # the states visited, before this step's update
+                    diag_sums += _diagnostic_sums(hidden_NH, output_head(model), batch, micro, teacher_heads or {},
+                                                  mask_N, loss_cfg.topk, student.vocab_size, loss_cfg.chunk_size)
+                loss = logp_N.new_zeros(())
+                if loss_cfg.kind == "sampled" or loss_cfg.outcome_weight:
+                    # With a dense loss the sampled-token term carries only the outcome advantage.
+                    adv_N = batch.adv_BT[idx].to(device)
+                    pg, stats = ppo_clip_loss(logp_N, batch.old_logp_BT[idx].to(device), adv_N, mask_N,
+                                              clip_low=loss_cfg.clip_low, clip_high=loss_cfg.clip_high,
+                                              normalizer=n_tokens)
+                    loss = loss + pg
+                    sums["pg_loss"] += pg.item()
+                    share = float(mask_N.sum()) / max(n_tokens, 1.0)
+                    sums["clip_frac"] += float(stats["clip_frac"]) * share
+                    sums["approx_kl"] += float(stats["approx_kl"]) * share
+                if dense:
+                    d = _dense_loss_sum(hidden_NH, output_head(model), batch, micro, teacher_heads or {}, mask_N,
+                                        loss_cfg, student.vocab_size) / max(n_tokens, 1.0)
+                    loss = loss + loss_cfg.dense_weight * d
+                    sums["dense_loss"] += d.item()
+                if torch.isfinite(loss):
+                    loss.backward()
+            except torch.OutOfMemoryError as exc:
+                lengths = [len(prompt_ids[r]) + len(batch.samples[r].response_ids) for r in micro]
+                raise MicroBatchOOM(
+                    f"out of memory in a micro-batch of {len(micro)} sequences (longest {max(lengths)} tokens, "
+                    f"{sum(lengths)} in all, vocabulary {student.vocab_size}, loss.kind={loss_cfg.kind}, "
+                    f"loss.chunk_size={loss_cfg.chunk_size}); lower trainer.micro_batch_size or "
+                    f"loss.chunk_size, or enable model.gradient_checkpointing") from exc
             if not torch.isfinite(loss):
                 finite = False
                 break
-            loss.backward()
             sums["loss"] += loss.item()
         grad_norm = torch.nn.utils.clip_grad_norm_(
             model.parameters(), trainer_cfg.grad_clip if trainer_cfg.grad_clip > 0 else float("inf"))
