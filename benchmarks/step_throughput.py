@@ -34,6 +34,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -89,7 +90,10 @@ def cached_tokenizer_dir() -> Path:
     tok = load_tokenizer(ModelConfig(path=GGUF_TOKENIZER))
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     tok.save_pretrained(tmp)
-    os.replace(tmp, out) if not out.exists() else None
+    if out.exists():  # another run got there first
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
     return out
 
 
@@ -207,7 +211,7 @@ def worker_uniopd(args) -> None:
         f"data.train={args.prompt_file}", f"rollout.prompts_per_step={args.prompts}", "rollout.n=1",
         f"rollout.max_new_tokens={args.new_tokens}", f"rollout.min_new_tokens={args.new_tokens}",
         f"rollout.batch_size={max(64, args.prompts)}", "rollout.temperature=1.0", "rollout.top_p=1.0",
-        "loss.kind=sampled", "calibration.enabled=false", "balance.online=false",
+        f"loss.kind={args.uniopd_loss}", "loss.direction=reverse", "calibration.enabled=false", "balance.online=false",
         f"trainer.micro_batch_size={args.prompts}", "trainer.mini_batches=1", f"trainer.lr={args.lr}",
         f"trainer.threads={args.threads}", "trainer.device=cpu", f"trainer.output_dir={run_dir}",
         "trainer.save_every=0", f"trainer.steps={args.warmup + args.steps}", "model.dtype=float32",
@@ -393,6 +397,7 @@ def worker_trl(args) -> None:
 
     ch.send({"ready": True, "threads": torch.get_num_threads(), "rss_mb": rss_now_mb(),
              "trl_version": __import__("trl").__version__, "optim": gargs.optim,
+             "gradient_checkpointing": bool(getattr(trainer.model, "is_gradient_checkpointing", False)),
              "gen_config": {k: getattr(trainer.generation_config, k) for k in
                             ("max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p",
                              "eos_token_id", "pad_token_id", "use_cache")}})
@@ -440,7 +445,7 @@ def summarise(steps: list[dict], keys: list[str]) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=8, help="measured steps per framework (after --warmup)")
+    p.add_argument("--steps", type=int, default=6, help="measured steps per framework (after --warmup)")
     p.add_argument("--warmup", type=int, default=1, help="steps run first and left out of the medians")
     p.add_argument("--prompts", type=int, default=8, help="prompts per step (one rollout each)")
     p.add_argument("--new-tokens", type=int, default=64, help="generated tokens per response (min = max)")
@@ -448,6 +453,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--student", help="student model directory (default: a random ~30M Llama, cached)")
     p.add_argument("--teacher", help="teacher model directory (default: a random ~50M Llama, cached)")
     p.add_argument("--lr", type=float, default=1e-6)
+    p.add_argument("--uniopd-loss", default="sampled", choices=("sampled", "full"),
+                   help="uniopd loss.kind (full = full-vocabulary reverse KL, the loss GKD beta=1 computes)")
     p.add_argument("--skip-trl", action="store_true", help="run uniopd only")
     p.add_argument("--profile", action="store_true", help="also profile one uniopd step (torch.profiler)")
     p.add_argument("--workdir", help="run files (prompts, metrics.jsonl, logs, profile); default: a temp dir")
@@ -480,8 +487,9 @@ def main(argv: list[str] | None = None) -> dict:
     common = [sys.executable, os.path.abspath(__file__), "--student", str(student), "--teacher", str(teacher),
               "--prompt-file", str(prompt_file), "--workdir", str(workdir), "--steps", str(args.steps),
               "--warmup", str(args.warmup), "--prompts", str(args.prompts), "--new-tokens", str(args.new_tokens),
-              "--threads", str(args.threads), "--lr", str(args.lr)]
+              "--threads", str(args.threads), "--lr", str(args.lr), "--uniopd-loss", args.uniopd_loss]
     names = ["uniopd"] + ([] if args.skip_trl else ["trl"])
+    load_start = os.getloadavg()
     workers = {n: Worker(n, common + ["--worker", n], env, workdir / f"{n}.log") for n in names}
     ready = {n: w.read() for n, w in workers.items()}
     steps: dict[str, list[dict]] = {n: [] for n in names}
@@ -519,9 +527,11 @@ def main(argv: list[str] | None = None) -> dict:
     res: dict[str, Any] = {
         "config": {"prompts": B, "new_tokens": T, "prompt_tokens": P, "threads": args.threads,
                    "steps": args.steps, "warmup": args.warmup, "dtype": "float32", "rollouts_per_prompt": 1,
+                   "uniopd_loss": args.uniopd_loss,
                    "student_params": ds["params"], "teacher_params": dt["params"],
                    "vocab": json.loads((Path(student) / "config.json").read_text())["vocab_size"]},
         "peak_matmul_gflops": peak / 1e9,
+        "loadavg_start_end": [round(load_start[0], 2), round(os.getloadavg()[0], 2)],
         "workdir": str(workdir),
     }
     u = measured["uniopd"]
@@ -533,7 +543,9 @@ def main(argv: list[str] | None = None) -> dict:
     res["uniopd_phase_frac_of_peak"] = {k: flops_u[k] / us[k] / peak for k in flops_u}
     res["uniopd_peak_rss_mb"] = u[-1]["rss_peak_mb"]
     res["uniopd_rss_after_load_mb"] = ready["uniopd"]["rss_mb"]
+    res["threads_seen"] = {n: sorted({s["threads"] for s in st}) for n, st in measured.items()}
     res["uniopd_steps_s"] = [round(s["wall"], 3) for s in u]
+    res["uniopd_steps_rollout_s"] = [round(s["rollout"], 3) for s in u]
     res["uniopd_metrics"] = ready["uniopd"]["metrics"]
     if "trl" in measured:
         t = measured["trl"]
@@ -548,7 +560,9 @@ def main(argv: list[str] | None = None) -> dict:
         res["trl_peak_rss_mb"] = t[-1]["rss_peak_mb"]
         res["trl_rss_after_load_mb"] = ready["trl"]["rss_mb"]
         res["trl_steps_s"] = [round(s["wall"], 3) for s in t]
+        res["trl_steps_generate_s"] = [round(s["generate"], 3) for s in t]
         res["trl_generation_config"] = ready["trl"]["gen_config"]
+        res["trl_gradient_checkpointing"] = ready["trl"]["gradient_checkpointing"]
         res["phase_ratio_trl_over_uniopd"] = {
             "rollout": ts["generate"] / us["rollout"], "teacher": ts["teacher"] / us["teacher"],
             "update": ts["update"] / (us["update"] + us["verify"])}
