@@ -19,11 +19,11 @@ import torch
 
 from uniopd.config import ModelConfig, load_config, to_dict
 from uniopd.data.loader import write_records
-from uniopd.demo.build import STUDENT, TEACHER, arithmetic_records, build_model, default_cache_dir
+from uniopd.demo.build import (DIGITS, STUDENT, TEACHER, arithmetic_records, build_model, default_cache_dir,
+                               heldout_records)
 from uniopd.evaluate import evaluate_model
 from uniopd.models.loading import load_model
 
-EVAL_SEED = 424_242
 DEFAULT_STEPS = 150
 
 
@@ -38,14 +38,14 @@ def method_overrides(method: str) -> list[str]:
 
 
 def demo_config(student: Path, teacher: Path, train_file: Path, out: Path, *, seed: int, steps: int,
-                method: str, progress: bool):
+                method: str, progress: bool, extra: list[str] | tuple[str, ...] = ()):
     base = [f"model.path={student}", f"teachers.teacher.path={teacher}", f"data.train={train_file}",
             f"trainer.output_dir={out}", f"trainer.seed={seed}", f"trainer.steps={steps}",
             "model.chat_template=false", "teachers.teacher.chat_template=false",
             "rollout.prompts_per_step=32", "rollout.n=8", "rollout.max_new_tokens=6", "rollout.batch_size=512",
             "trainer.lr=2e-3", "trainer.warmup_steps=10", "trainer.micro_batch_size=256", "trainer.save_every=0",
             "trainer.keep_checkpoints=1", "loss.clip_high=0.28", f"logging.progress={str(progress).lower()}"]
-    return load_config(None, base + method_overrides(method))
+    return load_config(None, base + method_overrides(method) + list(extra))
 
 
 def _accuracy(model_dir: Path, records, *, threads: int | None = None) -> float:
@@ -66,12 +66,14 @@ def run_demo(*, seed: int = 0, out_dir: Path = Path("runs/demo"), steps: int | N
     cache_dir = cache_dir or default_cache_dir() / "demo"
     out_dir = Path(out_dir)
     data_dir = out_dir / "data"
-    train_recs = arithmetic_records(2000, seed=1000 + seed, prefix="train")
-    eval_recs = arithmetic_records(300, seed=EVAL_SEED, prefix="heldout")
+    eval_recs = heldout_records()
+    # reasoning-gym seeds item i with Random(seed + i): seeds far apart give disjoint streams.
+    train_recs = arithmetic_records(2000, seed=1_000_000 * (seed + 1), prefix="train",
+                                    exclude={r.prompt for r in eval_recs})
     train_file, eval_file = data_dir / "train.jsonl", data_dir / "heldout.jsonl"
     write_records(train_file, train_recs)
     write_records(eval_file, eval_recs)
-    log(f"uniopd demo: 2-digit addition from reasoning-gym; {len(train_recs)} training prompts, "
+    log(f"uniopd demo: {DIGITS}-digit addition from reasoning-gym; {len(train_recs)} training prompts, "
         f"{len(eval_recs)} held-out (data in {data_dir})")
 
     teacher_dir, cached_t = build_model("teacher", TEACHER, cache_dir, progress=progress, log=log)
