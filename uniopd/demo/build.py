@@ -79,6 +79,7 @@ class TinyModelSpec:
     sft_examples: int
     lr: float
     batch_size: int = 128
+    min_lr_ratio: float = 0.1  # cosine decay to this fraction of lr (1.0: constant after warm-up)
     seed: int = 0
 
     def key(self, kind: str) -> str:
@@ -122,7 +123,8 @@ def build_model(kind: str, spec: TinyModelSpec, cache_dir: Path, *, progress: bo
     pairs = sft_pairs(arithmetic_records(spec.sft_examples, seed=10_000 + spec.seed, prefix=f"sft-{kind}",
                                          exclude=heldout), tokenizer)
     sft_train(LoadedModel(model, tokenizer, kind), pairs,
-              SFTConfig(steps=spec.sft_steps, batch_size=spec.batch_size, lr=spec.lr, seed=spec.seed),
+              SFTConfig(steps=spec.sft_steps, batch_size=spec.batch_size, lr=spec.lr, seed=spec.seed,
+                        min_lr_ratio=spec.min_lr_ratio),
               progress=progress)
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
