@@ -33,9 +33,6 @@ class StepBatch:
     def size(self) -> int:
         return len(self.samples)
 
-    def texts(self, tokenizer) -> list[str]:
-        return tokenizer.batch_decode([s.response_ids for s in self.samples], skip_special_tokens=True)
-
 
 def pad_rows(rows: list[list[float]], fill: float = 0.0, dtype=torch.float32) -> torch.Tensor:
     T = max((len(r) for r in rows), default=0)

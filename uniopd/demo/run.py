@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from uniopd.config import ModelConfig, load_config, to_dict
+from uniopd.config import ModelConfig, load_config
 from uniopd.data.loader import write_records
 from uniopd.demo.build import (DIGITS, STUDENT, TEACHER, arithmetic_records, build_model, default_cache_dir,
                                heldout_records)
@@ -48,7 +48,7 @@ def demo_config(student: Path, teacher: Path, train_file: Path, out: Path, *, se
     return load_config(None, base + method_overrides(method) + list(extra))
 
 
-def _accuracy(model_dir: Path, records, *, threads: int | None = None) -> float:
+def _accuracy(model_dir: Path, records) -> float:
     loaded = load_model(ModelConfig(path=str(model_dir), chat_template=False), trainable=False)
     cfg = load_config(None, ["rollout.max_new_tokens=6", "rollout.batch_size=512"])
     res = evaluate_model(loaded, records, cfg.rollout, cfg.model, cfg.data, greedy=True, progress=False)
