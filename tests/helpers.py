@@ -11,10 +11,13 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from uniopd.demo.tokenizer import char_tokenizer
 
 
-def make_tiny_model(path: Path, *, layers: int = 2, hidden: int = 32, seed: int = 0, tokenizer=None) -> Path:
+def make_tiny_model(path: Path, *, layers: int = 2, hidden: int = 32, seed: int = 0, tokenizer=None,
+                    vocab_size: int | None = None) -> Path:
+    """vocab_size: embedding / lm_head rows (default len(tokenizer)); larger pads them, as real
+    checkpoints do (Qwen2.5-1.5B: 151,936 rows, 7B: 152,064, for a 151,665-token tokenizer)."""
     tok = tokenizer or char_tokenizer()
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
+    cfg = LlamaConfig(vocab_size=vocab_size or len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
                       num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
                       max_position_embeddings=128, tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)

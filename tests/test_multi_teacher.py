@@ -58,3 +58,19 @@ def test_a_domain_without_teacher_fails_before_any_model_loads(tmp_path, two_dom
                              f"data.train={two_domain_file}", f"trainer.output_dir={tmp_path / 'r'}"])
     with pytest.raises(ConfigError, match="no teacher claims domain 'sub'"):
         Trainer(cfg)
+
+
+def test_token_diagnostics_are_logged_per_domain_and_overall(tiny_student_dir, tiny_teacher_dir, two_domain_file,
+                                                             tmp_path):
+    other = make_tiny_model(tmp_path / "other_teacher", hidden=32, seed=7)
+    cfg = _config(tiny_student_dir, tiny_teacher_dir, other, two_domain_file, tmp_path / "run")
+    cfg.logging.diagnostics = True
+    metrics, _ = Trainer(cfg).step()
+    per_domain = {d: metrics[f"domain/{d}/topk_overlap"] for d in ("add", "sub")}
+    assert all(0.0 <= v <= 1.0 for v in per_domain.values())
+    for key in ("reverse_kl", "shared_mass_student", "entropy_gap"):
+        assert {f"domain/add/{key}", f"domain/sub/{key}"} <= metrics.keys()
+    # The overall value is the token-weighted mean of the per-domain values, so it lies between them.
+    assert min(per_domain.values()) - 1e-6 <= metrics["diag/topk_overlap"] <= max(per_domain.values()) + 1e-6
+    # Each domain is measured against its own teacher: the two teachers differ, so do the KLs.
+    assert metrics["domain/add/reverse_kl"] != metrics["domain/sub/reverse_kl"]

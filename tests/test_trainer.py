@@ -42,8 +42,10 @@ def sharp_teacher_dir(tmp_path):
 def test_opd_steps_pull_the_student_towards_the_teacher(tiny_student_dir, sharp_teacher_dir, tmp_path):
     rows = [{"id": f"q{i}", "domain": "arithmetic", "prompt": f"{i}+{i}=", "answer": str(2 * i)} for i in range(4)]
     data = write_jsonl(tmp_path / "d.jsonl", rows)
+    # 80 steps: over seeds the KL falls to ~0.85x of its start after 40 steps (too close to the 0.8 bar
+    # to hold for every random stream) and to ~0.6x after 80 (0.27 to 0.79 over 12 seeds).
     cfg = tiny_run_config(tiny_student_dir, sharp_teacher_dir, data, tmp_path / "run", **{
-        "trainer.steps": 40, "trainer.lr": 1e-2, "rollout.n": 8, "rollout.max_new_tokens": 8,
+        "trainer.steps": 80, "trainer.lr": 1e-2, "rollout.n": 8, "rollout.max_new_tokens": 8,
         "trainer.save_every": 0, "trainer.micro_batch_size": 32})
     trainer = Trainer(cfg)
     tok = trainer.student.tokenizer
@@ -58,7 +60,7 @@ def test_opd_steps_pull_the_student_towards_the_teacher(tiny_student_dir, sharp_
     after = _full_reverse_kl(trainer, probe)
     assert after < 0.8 * before, (before, after)
     lines = [json.loads(line) for line in open(result["metrics_path"])]
-    assert len(lines) == 40
+    assert len(lines) == 80
     early = sum(r["teacher_kl"] for r in lines[:3]) / 3
     late = sum(r["teacher_kl"] for r in lines[-3:]) / 3
     assert late < early, (early, late)
@@ -141,6 +143,8 @@ def test_dense_losses_train_end_to_end_and_log_overlap(kind, extra, tiny_student
                           **{"loss.kind": kind, "trainer.steps": 3, "trainer.lr": 1e-2, "trainer.save_every": 0,
                              **extra})
     trainer = Trainer(cfg)
+    probe = [s for g in trainer.rollout(list(range(4)), 2) for s in g]  # fixed states to compare on
+    before = _full_reverse_kl(trainer, probe)
     rows = []
     for _ in range(3):
         metrics, _ = trainer.step()
@@ -149,8 +153,9 @@ def test_dense_losses_train_end_to_end_and_log_overlap(kind, extra, tiny_student
     assert rows[0]["pg_loss"] == 0.0  # no outcome weight: the dense loss is the whole objective
     for key in ("diag/topk_overlap", "diag/shared_mass_student", "diag/shared_mass_teacher", "diag/entropy_gap"):
         assert 0.0 <= rows[-1][key] or key == "diag/entropy_gap"
-    # the dense objective pulls the student's full distribution toward the teacher's
-    assert rows[-1]["diag/reverse_kl"] < rows[0]["diag/reverse_kl"]
+    # the dense objective pulls the student's full distribution toward the teacher's (on the same
+    # states: the per-step diag/reverse_kl is measured on each step's fresh rollouts, too noisy at 3 steps)
+    assert _full_reverse_kl(trainer, probe) < before
 
 
 def test_out_of_memory_in_a_micro_batch_names_the_sizes(tiny_student_dir, tiny_teacher_dir, arithmetic_file,

@@ -1,4 +1,4 @@
-"""`uniopd` command line: train, eval, demo, balance, generate, sft, config."""
+"""`uniopd` command line: train, eval, demo, balance, generate, sft, prepare, config."""
 
 from __future__ import annotations
 
@@ -68,10 +68,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from uniopd.demo.run import run_demo
+    common = dict(seed=args.seed, steps=args.steps, cache_dir=Path(args.cache_dir) if args.cache_dir else None,
+                  progress=not args.no_progress)
+    if args.multi_teacher:
+        from uniopd.demo.multi import run_multi_teacher_demo
 
-    run_demo(seed=args.seed, out_dir=Path(args.out), steps=args.steps, methods=args.methods.split(","),
-             cache_dir=Path(args.cache_dir) if args.cache_dir else None, progress=not args.no_progress)
+        run_multi_teacher_demo(out_dir=Path(args.out or "runs/demo_multi"),
+                               methods=(args.methods or "opd").split(","), **common)
+    else:
+        from uniopd.demo.run import run_demo
+
+        run_demo(out_dir=Path(args.out or "runs/demo"), methods=(args.methods or "opd,uniopd").split(","), **common)
     return 0
 
 
@@ -106,6 +113,21 @@ def cmd_sft(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, list(args.overrides))
     run_sft(cfg, Path(args.data), Path(args.out))
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    if args.dataset == "math-code":
+        from uniopd.data.math_code import prepare_math_code
+
+        path, counts = prepare_math_code(args.out, limit=args.limit or None)
+        print(json.dumps({"out": str(path), "records": sum(counts.values()), **counts}))
+        return 0
+    from uniopd.data.easyvqa import prepare_easyvqa
+
+    path = prepare_easyvqa(args.out, split=args.split, limit_images=args.limit_images or None,
+                           domains=args.domains, copy_images=not args.no_copy)
+    print(json.dumps({"out": str(path), "records": sum(1 for _ in open(path))}))
     return 0
 
 
@@ -147,8 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="offline demo: build a teacher and a student, distil, compare")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=None, help="OPD steps per method (default: the demo's)")
-    p.add_argument("--methods", default="opd,uniopd", help="comma list of: opd, uniopd")
-    p.add_argument("--out", default="runs/demo", help="directory for the runs and their metrics")
+    p.add_argument("--methods", help="comma list of: opd, uniopd (default: both; opd with --multi-teacher)")
+    p.add_argument("--multi-teacher", action="store_true",
+                   help="two domains (addition, subtraction), one expert teacher each, one student")
+    p.add_argument("--out", help="directory for the runs and their metrics (default: runs/demo[_multi])")
     p.add_argument("--cache-dir", default=None, help="where built models are cached ($UNIOPD_CACHE)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(fn=cmd_demo)
@@ -174,6 +198,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="response JSONL from `uniopd generate`")
     p.add_argument("--out", required=True, help="directory for the fine-tuned student")
     p.set_defaults(fn=cmd_sft)
+
+    p = sub.add_parser("prepare", help="write a packaged data set as prompt records (easyvqa: images + questions; "
+                                       "math-code: CHAMP math + HumanEval code)")
+    p.add_argument("dataset", choices=["easyvqa", "math-code"])
+    p.add_argument("--out", required=True, help="directory for the JSONL (easyvqa: <split>.jsonl and images/; "
+                                                "math-code: train.jsonl)")
+    p.add_argument("--limit", type=int, default=0, help="math-code: at most N records per domain (0 = all)")
+    p.add_argument("--split", default="train", choices=["train", "test"], help="easyvqa: which split")
+    p.add_argument("--limit-images", type=int, default=0, help="easyvqa: only the first N images (0 = all)")
+    p.add_argument("--domains", default="vqa", choices=["vqa", "subject"],
+                   help="vqa: one domain; subject: vqa_color / vqa_shape by what the question asks")
+    p.add_argument("--no-copy", action="store_true", help="refer to the package's image files instead of copying")
+    p.set_defaults(fn=cmd_prepare)
 
     p = sub.add_parser("config", help="print every config key with its default and help, or a resolved config")
     _add_config_args(p)

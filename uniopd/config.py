@@ -63,18 +63,21 @@ class ModelConfig:
 @dataclass
 class TeacherConfig(ModelConfig):
     domains: list[str] = _f([], "domains this teacher scores; '*' matches any domain no other teacher claims")
-    view: str = _f("same", "teacher view: same | teacher_prompt | privileged | template")
+    view: str = _f("same", "teacher view: same | teacher_prompt | privileged | template | image_text")
     system_prompt: str | None = _f(None, "system prompt added to the teacher's view (teacher-aligned prompts)")
     privileged_template: str = _f(
         "{prompt}\n\nReference answer: {answer}\nUse it to answer.",
         "template of the 'privileged' view; fields: {prompt} {answer} {tests}")
+    image_template: str = _f("[image: {text}]",
+                             "image_text view: how each image is written as text; field: {text} (the record's image_text)")
     self_distill: bool = _f(False, "the teacher is the student's own frozen initial weights (path may be empty)")
     top_k: int | None = _f(None, "score with the teacher's top-k only (what some backends return)")
 
     def validate(self, key: str) -> None:
         if not self.self_distill:
             super().validate(key)
-        _check_choice(f"{key}.view", self.view, ("same", "teacher_prompt", "privileged", "template"))
+        _check_choice(f"{key}.view", self.view, ("same", "teacher_prompt", "privileged", "template",
+                                                           "image_text"))
 
 
 @dataclass
@@ -103,6 +106,8 @@ class RolloutConfig:
     max_new_tokens: int = _f(256, "maximum response length")
     min_new_tokens: int = _f(0, "EOS is blocked before this many tokens (benchmarks)")
     batch_size: int = _f(64, "sequences decoded together")
+    threads: int | None = _f(None, "torch CPU threads while decoding (default: trainer.threads); small "
+                                   "decode ops can run faster on fewer threads than the update's matmuls")
 
     def validate(self, key: str) -> None:
         _check_choice(f"{key}.backend", self.backend, ("hf", "vllm"))
@@ -110,6 +115,8 @@ class RolloutConfig:
         _check_range(f"{key}.top_p", self.top_p, 0.0, 1.0, lo_open=True)
         for name in ("prompts_per_step", "n", "max_new_tokens", "batch_size"):
             _check_range(f"{key}.{name}", getattr(self, name), 1)
+        if self.threads is not None:
+            _check_range(f"{key}.threads", self.threads, 1)
 
 
 @dataclass

@@ -31,8 +31,12 @@ def evaluate_model(loaded: LoadedModel, records: list[PromptRecord], rollout_cfg
                    model_cfg: ModelConfig, data_cfg: DataConfig, *, k: int = 1, greedy: bool = False,
                    generator: torch.Generator | None = None, progress: bool = True,
                    chunk_prompts: int = 64) -> dict[str, Any]:
+    from uniopd.models.multimodal import StudentVision
+
     tok = loaded.tokenizer
-    records, prompt_ids, _ = prepare_prompts(records, tok, model_cfg, data_cfg)
+    vision = StudentVision.of(loaded, model_cfg)  # None for text models
+    records, prompt_ids, _ = prepare_prompts(records, tok, model_cfg, data_cfg,
+                                             encode=vision.ids if vision else None)
     n = 1 if greedy else k
     correct_by_prompt: list[list[bool]] = []
     bar = None
@@ -43,7 +47,9 @@ def evaluate_model(loaded: LoadedModel, records: list[PromptRecord], rollout_cfg
     for start in range(0, len(records), chunk_prompts):
         recs = records[start: start + chunk_prompts]
         groups = generate(loaded.model, prompt_ids[start: start + chunk_prompts], rollout_cfg, n=n,
-                          eos_ids={tok.eos_token_id}, pad_id=tok.pad_token_id, generator=generator, greedy=greedy)
+                          eos_ids={tok.eos_token_id}, pad_id=tok.pad_token_id, generator=generator, greedy=greedy,
+                          multimodal=vision.inputs(recs) if vision else None,
+                          suppress_ids=vision.suppress_ids if vision else None)
         texts = tok.batch_decode([s.response_ids for g in groups for s in g], skip_special_tokens=True)
         flat_recs = [r for r, g in zip(recs, groups) for _ in g]
         outcomes = verify_batch(texts, flat_recs, domain_defaults=data_cfg.domain_verifiers or None)

@@ -49,8 +49,11 @@ def estimate_pass_rates(cfg: RunConfig, records: list[PromptRecord], cache_path:
         return done
     device = resolve_device(cfg.trainer.device)
     student = load_model(cfg.model, "model", device=device, trainable=False)
+    from uniopd.models.multimodal import StudentVision
+
     tok = student.tokenizer
-    todo, prompt_ids, _ = prepare_prompts(todo, tok, cfg.model, cfg.data)
+    vision = StudentVision.of(student, cfg.model)  # None for text models
+    todo, prompt_ids, _ = prepare_prompts(todo, tok, cfg.model, cfg.data, encode=vision.ids if vision else None)
     generator = torch.Generator(device).manual_seed(cfg.trainer.seed)
     k = cfg.balance.offline_k
     bar = None
@@ -63,7 +66,9 @@ def estimate_pass_rates(cfg: RunConfig, records: list[PromptRecord], cache_path:
         for start in range(0, len(todo), chunk_prompts):
             recs = todo[start: start + chunk_prompts]
             groups = generate(student.model, prompt_ids[start: start + chunk_prompts], cfg.rollout, n=k,
-                              eos_ids={tok.eos_token_id}, pad_id=tok.pad_token_id, generator=generator)
+                              eos_ids={tok.eos_token_id}, pad_id=tok.pad_token_id, generator=generator,
+                              multimodal=vision.inputs(recs) if vision else None,
+                              suppress_ids=vision.suppress_ids if vision else None)
             texts = tok.batch_decode([s.response_ids for g in groups for s in g], skip_special_tokens=True)
             outcomes = verify_batch(texts, [r for r in recs for _ in range(k)],
                                     domain_defaults=cfg.data.domain_verifiers or None)

@@ -36,8 +36,11 @@ def generate_responses(cfg: RunConfig, model_cfg: ModelConfig, data_path: str, o
     device = resolve_device(cfg.trainer.device)
     records = load_prompt_records(cfg.data, data_path)
     loaded = load_model(model_cfg, "generate.model", device=device, trainable=False)
+    from uniopd.models.multimodal import StudentVision
+
     tok = loaded.tokenizer
-    records, prompt_ids, _ = prepare_prompts(records, tok, model_cfg, cfg.data)
+    vision = StudentVision.of(loaded, model_cfg)  # None for text models
+    records, prompt_ids, _ = prepare_prompts(records, tok, model_cfg, cfg.data, encode=vision.ids if vision else None)
     generator = torch.Generator(device).manual_seed(cfg.trainer.seed)
     rows, n_correct = [], 0
     bar = None
@@ -49,7 +52,9 @@ def generate_responses(cfg: RunConfig, model_cfg: ModelConfig, data_path: str, o
     for start in range(0, len(records), chunk):
         recs = records[start: start + chunk]
         groups = generate(loaded.model, prompt_ids[start: start + chunk], cfg.rollout, n=k,
-                          eos_ids={tok.eos_token_id}, pad_id=tok.pad_token_id, generator=generator)
+                          eos_ids={tok.eos_token_id}, pad_id=tok.pad_token_id, generator=generator,
+                          multimodal=vision.inputs(recs) if vision else None,
+                          suppress_ids=vision.suppress_ids if vision else None)
         texts = tok.batch_decode([s.response_ids for g in groups for s in g], skip_special_tokens=True)
         flat = [r for r in recs for _ in range(k)]
         outcomes = verify_batch(texts, flat, domain_defaults=cfg.data.domain_verifiers or None)
@@ -111,7 +116,7 @@ def run_sft(cfg: RunConfig, data_path: Path, out_dir: Path, *, progress: bool = 
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     student.model.save_pretrained(tmp)
-    student.tokenizer.save_pretrained(tmp)
+    (student.processor or student.tokenizer).save_pretrained(tmp)  # a VLM keeps its image processor
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)
     print(json.dumps({"pairs": len(pairs), "steps": sc.steps, "out": str(out_dir)}))

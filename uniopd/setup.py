@@ -3,6 +3,8 @@
 Prompts longer than `model.max_prompt_tokens` follow `data.overlong`: "error" names the
 record, "truncate" keeps the last tokens (the part next to the response), "skip" drops the
 record; truncated and skipped records are counted and reported, never silently lost.
+Prompts with images (a vision-language student, `encode` given) are never truncated: a
+cut could split an image's placeholder tokens; "truncate" is an error for them.
 """
 
 from __future__ import annotations
@@ -34,16 +36,30 @@ def load_prompt_records(data_cfg: DataConfig, path: str | None, *, require_targe
 
 
 def prepare_prompts(records: list[PromptRecord], tokenizer, model_cfg: ModelConfig,
-                    data_cfg: DataConfig) -> tuple[list[PromptRecord], list[list[int]], dict[str, int]]:
-    """Student-view prompt ids for each record, with the overlong policy applied."""
+                    data_cfg: DataConfig, *, encode=None) -> tuple[list[PromptRecord], list[list[int]], dict[str, int]]:
+    """Student-view prompt ids for each record, with the overlong policy applied.
+
+    encode(record) -> ids replaces the text rendering (a vision-language student's processor).
+    """
+    from uniopd.models.multimodal import record_images
+
     kept, ids_out = [], []
     stats = {"truncated": 0, "skipped_overlong": 0}
     limit = model_cfg.max_prompt_tokens
+    with_images = 0
     for record in records:
-        ids = render_prompt(tokenizer, record.prompt, chat_template=model_cfg.chat_template)
+        if encode is not None:
+            ids = encode(record)
+        else:
+            ids = render_prompt(tokenizer, record.prompt, chat_template=model_cfg.chat_template)
+            with_images += bool(record_images(record.prompt, record.images))
         if not ids:
             raise ValueError(f"record {record.id!r}: the prompt renders to zero tokens")
         if len(ids) > limit:
+            if data_cfg.overlong == "truncate" and encode is not None:
+                raise PromptTooLong(f"record {record.id!r}: prompt has {len(ids)} tokens with its images, more than "
+                                    f"model.max_prompt_tokens={limit}; prompts with images are not truncated "
+                                    f"(raise the limit or set data.overlong=skip)")
             if data_cfg.overlong == "error":
                 raise PromptTooLong(f"record {record.id!r}: prompt has {len(ids)} tokens, more than "
                                     f"model.max_prompt_tokens={limit} (set data.overlong=truncate or skip)")
@@ -57,6 +73,8 @@ def prepare_prompts(records: list[PromptRecord], tokenizer, model_cfg: ModelConf
     if stats["truncated"] or stats["skipped_overlong"]:
         log.warning("overlong prompts: %d truncated, %d skipped (model.max_prompt_tokens=%d)",
                     stats["truncated"], stats["skipped_overlong"], limit)
+    if with_images:
+        log.warning("%d records have images but the model is text-only: it sees their text only", with_images)
     if not kept:
         raise ValueError("no prompts left after applying data.overlong")
     return kept, ids_out, stats

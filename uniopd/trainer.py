@@ -30,6 +30,7 @@ from uniopd.rollout.hf import Sample, generate
 from uniopd.setup import load_prompt_records, prepare_prompts
 from uniopd.teachers.local import LocalTeacher
 from uniopd.teachers.router import Router
+from uniopd.teachers.views import check_views
 from uniopd.update import policy_update
 from uniopd.utils import rng_state, resolve_device, seed_everything, set_rng_state
 
@@ -54,15 +55,21 @@ class Trainer:
         records = records if records is not None else load_prompt_records(cfg.data, cfg.data.train)
         self.router = Router(cfg.teachers)
         self.router.check(records)  # unroutable records fail here, before any model loads
+        check_views(records, self.router.teacher_for, cfg.teachers)  # e.g. image_text view without image_text
 
         self.student = student or load_model(cfg.model, "model", device=self.device)
+        self._setup_vision()
         self.teachers = self._load_teachers(teachers or {})
+        check_views(records, self.router.teacher_for, cfg.teachers,
+                    vision_teachers={n for n, t in self.teachers.items() if t.loaded.is_multimodal})
         self.records, self.prompt_ids, self.prompt_stats = prepare_prompts(
-            records, self.student.tokenizer, cfg.model, cfg.data)
+            records, self.student.tokenizer, cfg.model, cfg.data, encode=self._encode)
         self._ids_by_record = {r.id: ids for r, ids in zip(self.records, self.prompt_ids)}
 
+        # fused: one kernel over all parameters (the default on CPU is a per-tensor Python loop, ~7x slower).
         self.optimizer = torch.optim.AdamW(self.student.model.parameters(), lr=cfg.trainer.lr,
-                                           betas=tuple(cfg.trainer.betas), weight_decay=cfg.trainer.weight_decay)
+                                           betas=tuple(cfg.trainer.betas), weight_decay=cfg.trainer.weight_decay,
+                                           fused=self.device.type in ("cpu", "cuda"))
         warmup = cfg.trainer.warmup_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup > 0 else 1.0)
@@ -77,6 +84,19 @@ class Trainer:
         save_config(cfg, self.run_dir / "config.yaml")
 
     # ------------------------------------------------------------------ setup helpers
+    def _setup_vision(self) -> None:
+        """A vision-language student encodes prompts with its processor and never samples image
+        placeholder tokens; a text student leaves `vision` None (the text path, unchanged)."""
+        from uniopd.models.multimodal import StudentVision
+
+        self.vision = StudentVision.of(self.student, self.cfg.model)
+        self._encode = self.vision.ids if self.vision else None
+        self.suppress_ids = self.vision.suppress_ids if self.vision else []
+
+    def vision_inputs(self, records: list[PromptRecord]) -> list | None:
+        """Per-record vision inputs of a vision-language student; None for a text student."""
+        return self.vision.inputs(records) if self.vision else None
+
     def _load_teachers(self, given: dict[str, LoadedModel]) -> dict[str, LocalTeacher]:
         out = {}
         for name, tcfg in self.cfg.teachers.items():
@@ -86,12 +106,14 @@ class Trainer:
                 import copy
 
                 model = copy.deepcopy(self.student.model).eval().requires_grad_(False)
-                loaded = LoadedModel(model, self.student.tokenizer, f"{self.student.source} (frozen copy)")
+                loaded = LoadedModel(model, self.student.tokenizer, f"{self.student.source} (frozen copy)",
+                                     processor=self.student.processor)
             else:
                 loaded = load_model(tcfg, f"teachers.{name}", device=self.device, trainable=False)
             check_vocabularies(self.student, loaded, name)
             out[name] = LocalTeacher(name, tcfg, loaded, chunk_size=self.cfg.loss.chunk_size,
-                                     micro_batch_size=self.cfg.trainer.micro_batch_size)
+                                     micro_batch_size=self.cfg.trainer.micro_batch_size,
+                                     suppress_ids=self.suppress_ids)
         return out
 
     # ------------------------------------------------------------------ checkpoints
@@ -102,7 +124,9 @@ class Trainer:
                 "bad_steps": self.bad_steps}
 
     def save(self) -> Path:
-        return save_checkpoint(self.run_dir, self.step_idx, self.student.model, self.student.tokenizer,
+        # A VLM's processor saves its tokenizer, image processor and chat template together.
+        return save_checkpoint(self.run_dir, self.step_idx, self.student.model,
+                               self.student.processor or self.student.tokenizer,
                                self.state_dict(), keep=self.cfg.trainer.keep_checkpoints)
 
     def resume(self) -> bool:
@@ -128,7 +152,9 @@ class Trainer:
     def rollout(self, indices: list[int], n: int) -> list[list[Sample]]:
         tok = self.student.tokenizer
         return generate(self.student.model, [self.prompt_ids[i] for i in indices], self.cfg.rollout, n=n,
-                        eos_ids={tok.eos_token_id}, pad_id=tok.pad_token_id, generator=self.generator)
+                        eos_ids={tok.eos_token_id}, pad_id=tok.pad_token_id, generator=self.generator,
+                        multimodal=self.vision_inputs([self.records[i] for i in indices]),
+                        suppress_ids=self.suppress_ids or None)
 
     def verify(self, records: list[PromptRecord], samples: list[Sample]) -> tuple[torch.Tensor, torch.Tensor]:
         texts = self.student.tokenizer.batch_decode([s.response_ids for s in samples], skip_special_tokens=True)
@@ -178,7 +204,8 @@ class Trainer:
         result = policy_update(self.student, batch, self.optimizer, loss_cfg=self.cfg.loss,
                                trainer_cfg=self.cfg.trainer, prompt_ids=prompt_ids,
                                temperature=self.cfg.rollout.temperature, teacher_heads=heads,
-                               diagnostics=self.cfg.logging.diagnostics)
+                               diagnostics=self.cfg.logging.diagnostics,
+                               multimodal=self.vision_inputs(batch.records), suppress_ids=self.suppress_ids or None)
         if result.skipped_steps < self.cfg.trainer.mini_batches:
             self.scheduler.step()  # a step whose updates were all skipped does not advance the schedule
         if result.skipped_steps:

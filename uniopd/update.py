@@ -46,23 +46,24 @@ def dense_loss_options(cfg: LossConfig) -> tuple[str, dict]:
     raise ValueError(f"loss.kind={cfg.kind!r} is not a dense loss")
 
 
-def _tokens_by_teacher(batch: StepBatch, rows: list[int],
-                       device: torch.device) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """For each teacher: (indices into the micro-batch's flat tokens, its hidden states [n, H_teacher]).
+def _tokens_by_teacher(batch: StepBatch, rows: list[int], device: torch.device, *,
+                       by_domain: bool = False) -> dict:
+    """For each teacher (or each (teacher, domain) when by_domain): (indices into the
+    micro-batch's flat tokens, the teacher's hidden states there [n, H_teacher]).
 
     Teachers may differ in width, so their hidden states are only ever stacked per teacher.
     """
-    index: dict[str, list[int]] = {}
-    hidden: dict[str, list[torch.Tensor]] = {}
+    index: dict = {}
+    hidden: dict = {}
     offset = 0
     for r in rows:
         n = len(batch.samples[r].response_ids)
-        name = batch.teacher_names[r]
-        index.setdefault(name, []).extend(range(offset, offset + n))
-        hidden.setdefault(name, []).append(batch.teacher_hidden[r])
+        key = (batch.teacher_names[r], batch.records[r].domain) if by_domain else batch.teacher_names[r]
+        index.setdefault(key, []).extend(range(offset, offset + n))
+        hidden.setdefault(key, []).append(batch.teacher_hidden[r])
         offset += n
-    return {name: (torch.tensor(index[name], device=device), torch.cat(hidden[name]).to(device))
-            for name in sorted(index)}
+    return {key: (torch.tensor(index[key], device=device), torch.cat(hidden[key]).to(device))
+            for key in sorted(index)}
 
 
 def _dense_loss_sum(student_hidden_NH: torch.Tensor, student_head: torch.Tensor, batch: StepBatch, rows: list[int],
@@ -86,33 +87,40 @@ def _dense_loss_sum(student_hidden_NH: torch.Tensor, student_head: torch.Tensor,
 @torch.no_grad()
 def _diagnostic_sums(student_hidden_NH: torch.Tensor, student_head: torch.Tensor, batch: StepBatch, rows: list[int],
                      teacher_heads: dict[str, torch.Tensor], mask_N: torch.Tensor, k: int, vocab_size: int,
-                     chunk_size: int) -> list[dict[str, float]]:
-    """Top-k overlap, shared mass, entropies and full reverse KL on the visited states, chunked."""
+                     chunk_size: int) -> list[tuple[str, dict[str, float]]]:
+    """Top-k overlap, shared mass, entropies and full reverse KL on the visited states, chunked.
+
+    Returns (domain, sums) pairs, so the caller can reduce them per domain and overall.
+    """
     from uniopd.algo.metrics import token_diagnostic_sums
 
     out = []
-    for name, (idx_n, teacher_hidden_nH) in _tokens_by_teacher(batch, rows, mask_N.device).items():
+    for (name, domain), (idx_n, teacher_hidden_nH) in _tokens_by_teacher(batch, rows, mask_N.device,
+                                                                        by_domain=True).items():
         keep = mask_N[idx_n]
         s_hidden, t_hidden = student_hidden_NH[idx_n][keep].detach(), teacher_hidden_nH[keep]
         for start in range(0, s_hidden.shape[0], chunk_size):
             s_logits = s_hidden[start:start + chunk_size] @ student_head[:vocab_size].T
             t_logits = t_hidden[start:start + chunk_size] @ teacher_heads[name][:vocab_size].T
             ones = torch.ones(1, s_logits.shape[0], dtype=torch.bool, device=s_logits.device)
-            out.append(token_diagnostic_sums(s_logits[None], t_logits[None], ones, k=min(k, vocab_size)))
+            out.append((domain, token_diagnostic_sums(s_logits[None], t_logits[None], ones, k=min(k, vocab_size))))
     return out
 
 
 def policy_update(student: LoadedModel, batch: StepBatch, optimizer: torch.optim.Optimizer, *,
                   loss_cfg: LossConfig, trainer_cfg: TrainerConfig, prompt_ids: list[list[int]],
                   temperature: float, teacher_heads: dict[str, torch.Tensor] | None = None,
-                  diagnostics: bool = False) -> UpdateResult:
+                  diagnostics: bool = False, multimodal: list | None = None,
+                  suppress_ids: list[int] | None = None) -> UpdateResult:
+    """multimodal: per-row vision inputs of a vision-language student (None: text);
+    suppress_ids: tokens the rollout never samples (see `uniopd.models.multimodal`)."""
     model = student.model
     device = next(model.parameters()).device
     assert batch.adv_BT is not None and batch.keep_B is not None
     mask_BT = batch.mask_BT & batch.keep_B[:, None]
     rows = [b for b in range(batch.size) if bool(mask_BT[b].any())]
     dense = loss_cfg.kind != "sampled"
-    diag_sums: list[dict[str, float]] = []
+    diag_sums: list[tuple[str, dict[str, float]]] = []
     sums = {"loss": 0.0, "pg_loss": 0.0, "dense_loss": 0.0, "clip_frac": 0.0, "approx_kl": 0.0,
             "grad_norm": 0.0}
     n_opt, skipped = 0, 0
@@ -130,8 +138,15 @@ def policy_update(student: LoadedModel, batch: StepBatch, optimizer: torch.optim
             try:
                 layout = build_layout([prompt_ids[r] for r in micro], [batch.samples[r].response_ids for r in micro],
                                       student.tokenizer.pad_token_id, device)
+                extra = None
+                if multimodal is not None:
+                    from uniopd.models.multimodal import layout_inputs
+
+                    extra = layout_inputs(model, layout, [multimodal[r] for r in micro],
+                                          [len(prompt_ids[r]) for r in micro])
                 logp_N, hidden_NH = response_logprobs(model, layout, chunk_size=loss_cfg.chunk_size,
-                                                      temperature=temperature, return_hidden=dense or diagnostics)
+                                                      temperature=temperature, return_hidden=dense or diagnostics,
+                                                      extra_inputs=extra, suppress_ids=suppress_ids)
                 idx = (torch.tensor(micro)[layout.row_N.cpu()], layout.col_N.cpu())
                 mask_N = mask_BT[idx].to(device)
                 if diagnostics and m_start == 0:  # the states visited, before this step's update
@@ -181,7 +196,11 @@ def policy_update(student: LoadedModel, batch: StepBatch, optimizer: torch.optim
     if diag_sums:
         from uniopd.algo.metrics import reduce_diagnostic_sums
 
-        metrics.update(reduce_diagnostic_sums(diag_sums))
+        metrics.update(reduce_diagnostic_sums(sums for _, sums in diag_sums))
+        for domain in sorted({d for d, _ in diag_sums}):
+            per_domain = reduce_diagnostic_sums(sums for d, sums in diag_sums if d == domain)
+            metrics.update({f"domain/{domain}/{key.removeprefix('diag/')}": value
+                            for key, value in per_domain.items() if key != "diag/num_tokens"})
     metrics["update/rows"] = float(len(rows))
     metrics["update/tokens"] = float(mask_BT.sum())
     return UpdateResult(metrics, skipped)

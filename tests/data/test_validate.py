@@ -437,3 +437,14 @@ def test_input_not_mutated():
     snapshot = repr(obj)
     build(obj, allow_extra=True, base_dir="/tmp")
     assert repr(obj) == snapshot
+
+
+def test_image_text_one_per_image_or_one_for_all(tmp_path):
+    imgs = ["data:image/png;base64,iVBORw0KGgo=", "data:image/png;base64,iVBORw0KGgo="]
+    assert build(base(images=imgs, image_text=["a", "b"])).image_text == ["a", "b"]
+    assert build(base(images=imgs, image_text="two squares")).image_text == "two squares"
+    err(base(images=imgs, image_text=["a"]), "image_text", "1 entries for 2 images")
+    err(base(image_text="a red circle"), "image_text", "no images")
+    err(base(images=imgs[:1], image_text=[" "]), "image_text[0]", "must not be empty")
+    rec = build(base(images=imgs[:1], image_text="x"))
+    assert build(rec.to_json()) == rec

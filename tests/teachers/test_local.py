@@ -48,3 +48,25 @@ def test_router_by_domain_explicit_teacher_and_errors():
     assert Router({"only": TeacherConfig()}).teacher_for(rec("anything")) == "only"
     assert Router({"m": TeacherConfig(domains=["math"]), "any": TeacherConfig(domains=["*"])}).teacher_for(
         rec("bio")) == "any"
+
+
+def test_image_text_view_writes_each_image_as_text():
+    from uniopd.teachers.views import image_text_view
+
+    rec = PromptRecord("v", "vqa", "Which shape?", answer="circle", images=["/a.png"], image_text="a red circle")
+    assert teacher_view(rec, TeacherConfig(view="image_text")) == "[image: a red circle]\nWhich shape?"
+    msgs = [{"role": "system", "content": "Short answers."},
+            {"role": "user", "content": [{"type": "text", "text": "Left: "}, {"type": "image", "image": "/b.png"},
+                                         {"type": "text", "text": " and what?"}]}]
+    rec = PromptRecord("m", "vqa", msgs, answer="x", images=["/a.png"], image_text=["first", "second"])
+    assert image_text_view(rec, "<{text}>") == [
+        {"role": "system", "content": "Short answers."},
+        {"role": "user", "content": "<first>\nLeft: <second>\n and what?"}]
+
+
+def test_privileged_view_keeps_the_images_of_a_message_prompt():
+    msgs = [{"role": "user", "content": [{"type": "image", "image": "/b.png"}, {"type": "text", "text": "Color?"}]}]
+    view = teacher_view(PromptRecord("m", "vqa", msgs, answer="red"),
+                        TeacherConfig(view="privileged", privileged_template="{prompt} ({answer})"))
+    assert view == [{"role": "user", "content": [{"type": "image", "image": "/b.png"},
+                                                 {"type": "text", "text": "Color? (red)"}]}]

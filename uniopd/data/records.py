@@ -8,6 +8,8 @@ JSONL schema (one JSON object per line):
     answer          str | number, optional: reference answer for the verifier
     tests           str | list[str] | dict, optional: code tests for the code verifier
     images          list[str], optional: image paths (relative to the file) or base64 data URIs
+    image_text      str | list[str], optional: a text rendering of the images, one string per
+                    image in prompt order (or one for all): what a text teacher reads instead
     teacher_prompt  str | list of messages, optional: the prompt as the teacher sees it
     verifier        str, optional: verifier name, overrides the domain default
     teacher         str, optional: teacher name, overrides routing by domain
@@ -32,6 +34,7 @@ class PromptRecord:
     answer: str | None = None
     tests: Any = None
     images: list[str] = field(default_factory=list)
+    image_text: str | list[str] | None = None
     teacher_prompt: str | list[Message] | None = None
     verifier: str | None = None
     teacher: str | None = None
@@ -39,7 +42,7 @@ class PromptRecord:
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"id": self.id, "domain": self.domain, "prompt": self.prompt}
-        for key in ("answer", "tests", "teacher_prompt", "verifier", "teacher"):
+        for key in ("answer", "tests", "image_text", "teacher_prompt", "verifier", "teacher"):
             value = getattr(self, key)
             if value is not None:
                 out[key] = value

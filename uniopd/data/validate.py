@@ -47,6 +47,7 @@ KNOWN_FIELDS: tuple[str, ...] = (
     "answer",
     "tests",
     "images",
+    "image_text",
     "teacher_prompt",
     "verifier",
     "teacher",
@@ -174,6 +175,18 @@ class _Checker:
             self.fail("images", f"expected a list of strings, got {_type_name(value)}")
         return [self.image_ref(v, f"images[{i}]", f"image {i}") for i, v in enumerate(value)]
 
+    def image_text(self, value: Any, n_images: int) -> str | list[str]:
+        if n_images == 0:
+            self.fail("image_text", "the record has no images to describe")
+        if isinstance(value, str):
+            return self.nonblank_str(value, "image_text")
+        if not isinstance(value, (list, tuple)):
+            self.fail("image_text", f"expected a string or a list of strings, got {_type_name(value)}")
+        if len(value) != n_images:
+            self.fail("image_text", f"has {len(value)} entries for {n_images} images (one per image, in prompt "
+                                    f"order: the 'images' field first, then image parts; or one string for all)")
+        return [self.nonblank_str(v, f"image_text[{i}]") for i, v in enumerate(value)]
+
     # ---- prompts -----------------------------------------------------------------
     def content_part(self, part: Any, field: str) -> dict[str, Any]:
         if not isinstance(part, dict):
@@ -268,14 +281,17 @@ class _Checker:
                 out.append({"stdin": case["stdin"], "stdout": case["stdout"]})
             return {"io": out}
         if "check" in value or "entry_point" in value:
-            extra = sorted(k for k in value if k not in ("check", "entry_point"))
+            extra = sorted(k for k in value if k not in ("check", "entry_point", "prompt"))
             if extra:
-                self.fail("tests", f"unexpected key {extra[0]!r} (allowed: check, entry_point)")
+                self.fail("tests", f"unexpected key {extra[0]!r} (allowed: check, entry_point, prompt)")
             for key in ("check", "entry_point"):
                 if key not in value:
                     self.fail(f"tests.{key}", "missing (a check test needs 'check' and 'entry_point')")
                 self.nonblank_str(value[key], f"tests.{key}")
-            return {"check": value["check"], "entry_point": value["entry_point"]}
+            out = {"check": value["check"], "entry_point": value["entry_point"]}
+            if "prompt" in value:  # the code prefix (signature + docstring) the completion continues
+                out["prompt"] = self.nonblank_str(value["prompt"], "tests.prompt")
+            return out
         self.fail("tests", "expected {'check': str, 'entry_point': str} or {'io': [{'stdin': str, 'stdout': str}, ...]}")
 
 
@@ -396,6 +412,8 @@ def record_from_obj(
     answer = ck.answer(present["answer"]) if "answer" in present else None
     tests = ck.tests(present["tests"]) if "tests" in present else None
     images = ck.images(present["images"]) if "images" in present else []
+    n_images = len(images) + _count_image_parts(prompt)
+    image_text = ck.image_text(present["image_text"], n_images) if "image_text" in present else None
     teacher_prompt = ck.prompt(present["teacher_prompt"], "teacher_prompt") if "teacher_prompt" in present else None
     verifier = ck.nonblank_str(present["verifier"], "verifier") if "verifier" in present else None
     teacher = ck.nonblank_str(present["teacher"], "teacher") if "teacher" in present else None
@@ -424,11 +442,19 @@ def record_from_obj(
         answer=answer,
         tests=tests,
         images=images,
+        image_text=image_text,
         teacher_prompt=teacher_prompt,
         verifier=verifier,
         teacher=teacher,
         meta=meta,
     )
+
+
+def _count_image_parts(prompt: Any) -> int:
+    if isinstance(prompt, str):
+        return 0
+    return sum(1 for m in prompt if isinstance(m.get("content"), list)
+               for p in m["content"] if p.get("type") == "image")
 
 
 def validate_record(record: PromptRecord, *, location: str = "<record>", **kwargs: Any) -> PromptRecord:

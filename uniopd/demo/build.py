@@ -36,38 +36,52 @@ DIGITS = 2
 EVAL_SEED = 424_242
 
 
-def arithmetic_records(n: int, *, seed: int, digits: int = DIGITS, prefix: str = "add",
+OPERATORS = {"addition": "+", "subtraction": "-"}  # demo task (= record domain) -> operator
+
+
+def arithmetic_records(n: int, *, seed: int, digits: int = DIGITS, prefix: str = "add", task: str = "addition",
                        exclude: set[str] | frozenset[str] = frozenset()) -> list[PromptRecord]:
-    """n addition problems from reasoning-gym's basic_arithmetic generator.
+    """n two-term problems ("Calculate 61 + 20." -> "81") from reasoning-gym's basic_arithmetic.
 
     The generator draws each term from 0..10**digits, so terms of different lengths
     ("Calculate 7 + 58.") are mixed in; we keep only problems whose terms all have exactly
-    `digits` digits (prompt and answer untouched, as reasoning-gym wrote them). Fixed-width
-    operands put every digit at a fixed offset, which a tiny char-level model learns several
-    times faster. Prompts in `exclude` (the held-out set) are skipped.
+    `digits` digits, and for subtraction only those with a non-negative result (prompt and
+    answer untouched, as reasoning-gym wrote them). Fixed-width operands put every digit at
+    a fixed offset, which a tiny char-level model learns several times faster. Prompts in
+    `exclude` (the held-out set) are skipped. The record's domain is the task name.
     """
     import reasoning_gym as rg
 
+    if task not in OPERATORS:
+        raise ValueError(f"unknown demo task {task!r} (choose from {sorted(OPERATORS)})")
+    op = OPERATORS[task]
     lo, hi = 10 ** (digits - 1), 10 ** digits
     ds = rg.create_dataset("basic_arithmetic", min_terms=2, max_terms=2, min_digits=digits, max_digits=digits,
-                           operators=("+",), allow_parentheses=False, allow_negation=False, size=4 * n + 100,
+                           operators=(op,), allow_parentheses=False, allow_negation=False, size=8 * n + 100,
                            seed=seed)
     out: list[PromptRecord] = []
     for i in range(len(ds)):
         item = ds[i]
-        terms = [int(t) for t in item["metadata"]["expression"].split("+")]
-        if not all(lo <= t < hi for t in terms) or item["question"] in exclude:
+        terms = [int(t) for t in item["metadata"]["expression"].split(op)]
+        if not all(lo <= t < hi for t in terms) or int(item["answer"]) < 0 or item["question"] in exclude:
             continue
-        out.append(PromptRecord(id=f"{prefix}-{seed}-{i}", domain="arithmetic", prompt=item["question"],
+        out.append(PromptRecord(id=f"{prefix}-{seed}-{i}", domain=task, prompt=item["question"],
                                 answer=str(item["answer"]), verifier="exact"))
         if len(out) == n:
             return out
-    raise RuntimeError(f"reasoning-gym gave only {len(out)} of {n} {digits}-digit problems (seed {seed})")
+    raise RuntimeError(f"reasoning-gym gave only {len(out)} of {n} {digits}-digit {task} problems (seed {seed})")
 
 
-def heldout_records(n: int = 300) -> list[PromptRecord]:
-    """The fixed held-out set; never used for SFT or OPD."""
-    return arithmetic_records(n, seed=EVAL_SEED, prefix="heldout")
+def heldout_records(n: int = 300, task: str = "addition") -> list[PromptRecord]:
+    """The fixed held-out set of a task; never used for SFT or OPD."""
+    return arithmetic_records(n, seed=EVAL_SEED, prefix=f"heldout-{task}", task=task)
+
+
+def mixed_records(n: int, *, seed: int, tasks: tuple[str, ...], prefix: str) -> list[PromptRecord]:
+    """n records split evenly over tasks, interleaved, none of them held out."""
+    per_task = [arithmetic_records(-(-n // len(tasks)), seed=seed, prefix=f"{prefix}-{task}", task=task,
+                                   exclude={r.prompt for r in heldout_records(task=task)}) for task in tasks]
+    return [recs[i] for i in range(len(per_task[0])) for recs in per_task][:n]
 
 
 @dataclass
@@ -81,15 +95,17 @@ class TinyModelSpec:
     batch_size: int = 128
     min_lr_ratio: float = 0.1  # cosine decay to this fraction of lr (1.0: constant after warm-up)
     seed: int = 0
+    tasks: tuple[str, ...] = ("addition",)  # SFT data, split evenly
 
     def key(self, kind: str) -> str:
-        blob = json.dumps({"kind": kind, "v": 2, "digits": DIGITS, "eval_seed": EVAL_SEED, **asdict(self)},
+        blob = json.dumps({"kind": kind, "v": 3, "digits": DIGITS, "eval_seed": EVAL_SEED, **asdict(self)},
                           sort_keys=True)
         return f"{kind}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
 
 
 TEACHER = TinyModelSpec(layers=3, hidden=128, heads=4, sft_steps=700, sft_examples=20_000, lr=3e-3)
-STUDENT = TinyModelSpec(layers=2, hidden=64, heads=4, sft_steps=150, sft_examples=20_000, lr=3e-3)
+STUDENT = TinyModelSpec(layers=2, hidden=128, heads=4, sft_steps=270, sft_examples=20_000, lr=3e-3,
+                        min_lr_ratio=1.0)
 
 
 def tiny_llama(tokenizer, spec: TinyModelSpec) -> LlamaForCausalLM:
@@ -114,14 +130,14 @@ def build_model(kind: str, spec: TinyModelSpec, cache_dir: Path, *, progress: bo
     path = cache_dir / spec.key(kind)
     if (path / "config.json").exists() and (path / "built.ok").exists():
         return path, True
-    log(f"building the {kind} ({spec.layers} layers, width {spec.hidden}, {spec.sft_steps} SFT steps)...")
+    log(f"building the {kind} ({spec.layers} layers, width {spec.hidden}, {spec.sft_steps} SFT steps on "
+        f"{' + '.join(spec.tasks)})...")
     seed_everything(spec.seed)
     tokenizer = char_tokenizer()
     model = tiny_llama(tokenizer, spec)
-    # Seeds far from the OPD/eval seeds so SFT data never overlaps the held-out prompts.
-    heldout = {r.prompt for r in heldout_records()}
-    pairs = sft_pairs(arithmetic_records(spec.sft_examples, seed=10_000 + spec.seed, prefix=f"sft-{kind}",
-                                         exclude=heldout), tokenizer)
+    # A seed far from the OPD/eval seeds; held-out prompts are excluded as well.
+    pairs = sft_pairs(mixed_records(spec.sft_examples, seed=10_000 + spec.seed, tasks=tuple(spec.tasks),
+                                    prefix=f"sft-{kind}"), tokenizer)
     sft_train(LoadedModel(model, tokenizer, kind), pairs,
               SFTConfig(steps=spec.sft_steps, batch_size=spec.batch_size, lr=spec.lr, seed=spec.seed,
                         min_lr_ratio=spec.min_lr_ratio),

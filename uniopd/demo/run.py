@@ -19,12 +19,12 @@ import torch
 
 from uniopd.config import ModelConfig, load_config
 from uniopd.data.loader import write_records
-from uniopd.demo.build import (DIGITS, STUDENT, TEACHER, arithmetic_records, build_model, default_cache_dir,
-                               heldout_records)
+from uniopd.demo.build import (DIGITS, STUDENT, TEACHER, TinyModelSpec, arithmetic_records, build_model,
+                               default_cache_dir, heldout_records)
 from uniopd.evaluate import evaluate_model
 from uniopd.models.loading import load_model
 
-DEFAULT_STEPS = 150
+DEFAULT_STEPS = 120
 
 
 def method_overrides(method: str) -> list[str]:
@@ -37,27 +37,45 @@ def method_overrides(method: str) -> list[str]:
     raise ValueError(f"unknown demo method {method!r} (choose opd or uniopd)")
 
 
-def demo_config(student: Path, teacher: Path, train_file: Path, out: Path, *, seed: int, steps: int,
-                method: str, progress: bool, extra: list[str] | tuple[str, ...] = ()):
-    base = [f"model.path={student}", f"teachers.teacher.path={teacher}", f"data.train={train_file}",
+def demo_config(student: Path, teacher: Path | dict[str, Path], train_file: Path, out: Path, *, seed: int,
+                steps: int, method: str, progress: bool, extra: list[str] | tuple[str, ...] = ()):
+    """The demo's run config. `teacher` is one path, or {domain: path} for one teacher per domain."""
+    if isinstance(teacher, dict):
+        teachers = [f"teachers.{d}.{k}={v}" for d, path in teacher.items()
+                    for k, v in (("path", path), ("domains", f"[{d}]"), ("chat_template", "false"))]
+    else:
+        teachers = [f"teachers.teacher.path={teacher}", "teachers.teacher.chat_template=false"]
+    base = [f"model.path={student}", f"data.train={train_file}", *teachers,
             f"trainer.output_dir={out}", f"trainer.seed={seed}", f"trainer.steps={steps}",
-            "model.chat_template=false", "teachers.teacher.chat_template=false",
+            "model.chat_template=false",
             "rollout.prompts_per_step=32", "rollout.n=8", "rollout.max_new_tokens=6", "rollout.batch_size=512",
-            "trainer.lr=2e-3", "trainer.warmup_steps=10", "trainer.micro_batch_size=256", "trainer.save_every=0",
-            "trainer.keep_checkpoints=1", "loss.clip_high=0.28", f"logging.progress={str(progress).lower()}"]
+            "trainer.lr=3e-4", "trainer.warmup_steps=10", "trainer.micro_batch_size=256", "trainer.save_every=0",
+            "trainer.keep_checkpoints=1", "loss.clip_high=0.28", "logging.diagnostics=false",
+            "logging.tensorboard=false", f"logging.progress={str(progress).lower()}"]
     return load_config(None, base + method_overrides(method) + list(extra))
 
 
-def _accuracy(model_dir: Path, records) -> float:
+def accuracy_by_domain(model_dir: Path, records) -> dict[str, float]:
+    """Greedy held-out accuracy per record domain, plus "all"."""
     loaded = load_model(ModelConfig(path=str(model_dir), chat_template=False), trainable=False)
     cfg = load_config(None, ["rollout.max_new_tokens=6", "rollout.batch_size=512"])
     res = evaluate_model(loaded, records, cfg.rollout, cfg.model, cfg.data, greedy=True, progress=False)
-    return res["metrics"]["avg@1"]
+    return {"all": res["metrics"]["avg@1"], **{d: m["avg@1"] for d, m in res["per_domain"].items()}}
+
+
+def _accuracy(model_dir: Path, records) -> float:
+    return accuracy_by_domain(model_dir, records)["all"]
 
 
 def run_demo(*, seed: int = 0, out_dir: Path = Path("runs/demo"), steps: int | None = None,
              methods: list[str] = ("opd", "uniopd"), cache_dir: Path | None = None, progress: bool = True,
-             log=print) -> dict[str, Any]:
+             log=print, teacher_spec: TinyModelSpec = TEACHER, student_spec: TinyModelSpec = STUDENT,
+             num_train: int = 2000, num_heldout: int = 300, extra: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    """Build (or reuse) the models, distil with each method, return and save the summary.
+
+    The keyword arguments after `log` exist for tests and experiments (smaller models,
+    fewer prompts, config overrides); the defaults are the demo.
+    """
     from uniopd.trainer import Trainer
 
     t0 = time.perf_counter()
@@ -66,9 +84,9 @@ def run_demo(*, seed: int = 0, out_dir: Path = Path("runs/demo"), steps: int | N
     cache_dir = cache_dir or default_cache_dir() / "demo"
     out_dir = Path(out_dir)
     data_dir = out_dir / "data"
-    eval_recs = heldout_records()
+    eval_recs = heldout_records(num_heldout)
     # reasoning-gym seeds item i with Random(seed + i): seeds far apart give disjoint streams.
-    train_recs = arithmetic_records(2000, seed=1_000_000 * (seed + 1), prefix="train",
+    train_recs = arithmetic_records(num_train, seed=1_000_000 * (seed + 1), prefix="train",
                                     exclude={r.prompt for r in eval_recs})
     train_file, eval_file = data_dir / "train.jsonl", data_dir / "heldout.jsonl"
     write_records(train_file, train_recs)
@@ -76,20 +94,27 @@ def run_demo(*, seed: int = 0, out_dir: Path = Path("runs/demo"), steps: int | N
     log(f"uniopd demo: {DIGITS}-digit addition from reasoning-gym; {len(train_recs)} training prompts, "
         f"{len(eval_recs)} held-out (data in {data_dir})")
 
-    teacher_dir, cached_t = build_model("teacher", TEACHER, cache_dir, progress=progress, log=log)
-    student_dir, cached_s = build_model("student", STUDENT, cache_dir, progress=progress, log=log)
-    log(f"teacher: {teacher_dir}{' (cached)' if cached_t else ''}")
-    log(f"student: {student_dir}{' (cached)' if cached_s else ''}")
+    seconds: dict[str, float] = {}
+    t = time.perf_counter()
+    teacher_dir, cached_t = build_model("teacher", teacher_spec, cache_dir, progress=progress, log=log)
+    seconds["teacher_build"] = time.perf_counter() - t
+    t = time.perf_counter()
+    student_dir, cached_s = build_model("student", student_spec, cache_dir, progress=progress, log=log)
+    seconds["student_build"] = time.perf_counter() - t
+    for kind, path, cached in (("teacher", teacher_dir, cached_t), ("student", student_dir, cached_s)):
+        log(f"{kind}: {path} " + ("(cached)" if cached else f"(built in {seconds[kind + '_build']:.0f}s)"))
 
+    t = time.perf_counter()
     acc_teacher = _accuracy(teacher_dir, eval_recs)
     acc_before = _accuracy(student_dir, eval_recs)
+    seconds["eval"] = time.perf_counter() - t
     log(f"held-out accuracy (greedy): teacher {acc_teacher:.1%}, student before OPD {acc_before:.1%}")
     results: dict[str, Any] = {"seed": seed, "steps": steps, "teacher_acc": acc_teacher,
-                               "student_before_acc": acc_before, "methods": {}}
+                               "student_before_acc": acc_before, "seconds": seconds, "methods": {}}
     for method in methods:
         run_dir = out_dir / method
         cfg = demo_config(student_dir, teacher_dir, train_file, run_dir, seed=seed, steps=steps, method=method,
-                          progress=progress)
+                          progress=progress, extra=extra)
         t = time.perf_counter()
         result = Trainer(cfg).train()
         final = Path(run_dir) / "checkpoints" / f"step_{result['step']:06d}"

@@ -68,8 +68,34 @@ def build_layout(prompt_ids: list[list[int]], response_ids: list[list[int]], pad
                           as_long(cols), B, max((len(r) for r in response_ids), default=0))
 
 
+_VOCAB_LIMIT_ATTR = "_uniopd_vocab_limit"
+
+
+def limit_vocabulary(model: PreTrainedModel, vocab_size: int) -> None:
+    """Sample and score only token ids < vocab_size (the tokenizer's) when the output head is
+    padded past them (Qwen2.5-1.5B: 151,936 head rows, 7B: 152,064, for 151,665 tokens).
+
+    Padded rows are not tokens: a random or lightly trained model can give them mass, the
+    rollout could then sample ids no tokenizer decodes, and two models padded differently
+    would normalise over different supports. With the limit set, `output_head` returns the
+    first vocab_size rows, so rollout, update and teacher scoring all use the distribution
+    restricted to the real vocabulary (softmax over W[:V]), and their log-probs agree.
+    `LoadedModel` sets it for every model it holds.
+    """
+    head = model.get_output_embeddings()
+    rows = getattr(getattr(head, "weight", None), "shape", (0,))[0]
+    if 0 < vocab_size < rows:
+        setattr(model, _VOCAB_LIMIT_ATTR, int(vocab_size))
+
+
+def vocab_limit(model: PreTrainedModel) -> int | None:
+    """The token-id bound set by `limit_vocabulary`, or None (the head has no padded rows)."""
+    return getattr(model, _VOCAB_LIMIT_ATTR, None)
+
+
 def output_head(model: PreTrainedModel) -> torch.Tensor:
-    """The [V, H] output projection. Refuses heads this chunked path would get wrong."""
+    """The [V, H] output projection (its first `vocab_limit` rows when the head is padded).
+    Refuses heads this chunked path would get wrong."""
     head = model.get_output_embeddings()
     if head is None or not hasattr(head, "weight"):
         raise ValueError(f"{type(model).__name__} has no output embedding to score tokens with")
@@ -78,7 +104,8 @@ def output_head(model: PreTrainedModel) -> torch.Tensor:
     cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     if getattr(cfg, "final_logit_softcapping", None):
         raise ValueError(f"{type(model).__name__}: final logit soft-capping is not supported yet")
-    return head.weight
+    limit = vocab_limit(model)
+    return head.weight if limit is None else head.weight[:limit]
 
 
 def base_model(model: PreTrainedModel) -> torch.nn.Module:
@@ -96,11 +123,22 @@ def response_hidden(model: PreTrainedModel, layout: ResponseLayout,
 
 def response_logprobs(model: PreTrainedModel, layout: ResponseLayout, *, chunk_size: int = 1024,
                       temperature: float = 1.0, extra_inputs: dict[str, Any] | None = None,
-                      return_hidden: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """log π(y_t | x, y<t) for every response token, flat [N]; optionally the hidden [N, H]."""
+                      return_hidden: bool = False,
+                      suppress_ids: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log π(y_t | x, y<t) for every response token, flat [N]; optionally the hidden [N, H].
+
+    extra_inputs: further model inputs (a VLM's pixel values, token types, M-RoPE positions:
+    `uniopd.models.multimodal.layout_inputs`). suppress_ids: tokens the rollout never samples;
+    the log-probs are then those of the distribution restricted to the other tokens.
+    """
     from uniopd.algo.losses.chunked import chunked_token_logprobs
 
     hidden_NH = response_hidden(model, layout, extra_inputs)
     logp_N = chunked_token_logprobs(hidden_NH, output_head(model), layout.target_ids_N,
                                     chunk_size=chunk_size, temperature=temperature)
+    if suppress_ids:
+        from uniopd.models.multimodal import restrict_logprobs
+
+        logp_N = restrict_logprobs(logp_N, hidden_NH, output_head(model), layout.target_ids_N, suppress_ids,
+                                   temperature)
     return logp_N, (hidden_NH if return_hidden else None)

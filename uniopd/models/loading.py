@@ -3,6 +3,11 @@
 All three go through `transformers.from_pretrained`, so a model made by `save_pretrained`
 in a test takes exactly the path of a real checkpoint. GGUF files are dequantised by
 transformers (needs the `gguf` package) into ordinary torch weights.
+
+A checkpoint whose config has a vision tower (`vision_config`: Qwen2-VL, Qwen2.5-VL,
+Qwen3-VL, LLaVA, Gemma-3, ...) is loaded with `AutoModelForImageTextToText` and its
+processor (`uniopd.models.multimodal.load_processor`); `LoadedModel.processor` is then set
+and prompts with images take the multimodal path. Text checkpoints never touch it.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from transformers.utils import logging as hf_logging
 hf_logging.disable_progress_bar()
 
 from uniopd.config import ModelConfig
+from uniopd.models.forward import limit_vocabulary
 from uniopd.utils import resolve_path
 
 log = logging.getLogger(__name__)
@@ -40,6 +46,15 @@ class LoadedModel:
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
     source: str
+    processor: Any = None  # set for vision-language models: turns prompts + images into model inputs
+
+    def __post_init__(self) -> None:
+        # A head padded past the tokenizer never samples or scores its padded rows.
+        limit_vocabulary(self.model, self.vocab_size)
+
+    @property
+    def is_multimodal(self) -> bool:
+        return self.processor is not None
 
     @property
     def vocab_size(self) -> int:
@@ -90,8 +105,17 @@ def load_model(cfg: ModelConfig, key: str = "model", *, device: torch.device | s
         kwargs["gguf_file"] = gguf
     if cfg.revision:
         kwargs["revision"] = cfg.revision
+    processor = None
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        if not gguf and _is_vision_checkpoint(source, kwargs):
+            from transformers import AutoModelForImageTextToText
+
+            from uniopd.models.multimodal import load_processor
+
+            model = AutoModelForImageTextToText.from_pretrained(source, **kwargs)
+            processor = load_processor(source, tokenizer, {k: v for k, v in kwargs.items() if k != "dtype"})
+        else:
+            model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except Exception as exc:
         raise ModelLoadError(f"{key}.path={cfg.path!r}: cannot load model: {exc}") from exc
     if gguf:
@@ -106,7 +130,19 @@ def load_model(cfg: ModelConfig, key: str = "model", *, device: torch.device | s
         model.requires_grad_(False)
     # Dropout would make rollout, scoring and update log-probs disagree; OPD wants them equal.
     _disable_dropout(model)
-    return LoadedModel(model=model, tokenizer=tokenizer, source=cfg.path)
+    return LoadedModel(model=model, tokenizer=tokenizer, source=cfg.path, processor=processor)
+
+
+def _is_vision_checkpoint(source: str, kwargs: dict[str, Any]) -> bool:
+    from transformers import AutoConfig
+
+    from uniopd.models.multimodal import is_vision_config
+
+    try:
+        config = AutoConfig.from_pretrained(source, **{k: v for k, v in kwargs.items() if k != "dtype"})
+    except Exception:  # let the model load report the problem
+        return False
+    return is_vision_config(config)
 
 
 def _forget_gguf_quantizer(model: torch.nn.Module) -> None:

@@ -7,6 +7,11 @@ student side of the token advantage), and an early exit once every row has hit E
 Log-probs are taken under logits / temperature, the distribution the token was actually
 drawn from (before top-p truncation, as verl and TRL do); the update uses the same
 temperature, so the PPO ratio starts at exactly 1.
+
+Per decode step (what the CPU profile of issue 7 led to): the base model runs and the
+output head is applied here as W @ h^T; tokens are drawn by inverse CDF with one uniform
+per row from the caller's generator (reproducible, but a different random stream from
+torch.multinomial's); the attention mask is preallocated, or left out when no row is padded.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 
 from uniopd.config import RolloutConfig
+from uniopd.models.forward import base_model, output_head, vocab_limit
 
 
 @dataclass
@@ -30,24 +36,65 @@ class Sample:
     extra: dict = field(default_factory=dict)
 
 
-def sample_top_p(logits_BV: torch.Tensor, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
-    probs_BV = torch.softmax(logits_BV, dim=-1)
+def _inverse_cdf(weights_BV: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One index per row, drawn with probability weight / row total, by inverse CDF.
+
+    One uniform per row from `generator` (torch.multinomial draws one exponential per
+    vocabulary entry: at V = 49k that was most of the sampling time). The CDF is summed
+    in float64 so a token of probability 1e-7 keeps its mass; u is kept below the row
+    total, so the first index whose CDF exceeds it always has a positive weight.
+    """
+    cdf_BV = weights_BV.to(torch.float64).cumsum(-1)
+    total_B1 = cdf_BV[:, -1:]
+    if not bool(((total_B1 > 0) & torch.isfinite(total_B1)).all()):
+        raise RuntimeError("cannot sample: a row's probabilities are all zero, or inf/nan")
+    u_B1 = torch.rand(total_B1.shape, generator=generator, dtype=torch.float64, device=cdf_BV.device)
+    u_B1 = torch.minimum(u_B1 * total_B1, torch.nextafter(total_B1, torch.zeros_like(total_B1)))
+    return torch.searchsorted(cdf_BV, u_B1, right=True).squeeze(-1)
+
+
+def _sample_probs(probs_BV: torch.Tensor, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
+    """A token per row from probabilities [B, V], restricted to the top-p nucleus when top_p < 1."""
     if top_p < 1.0:
         sorted_p, sorted_idx = probs_BV.sort(dim=-1, descending=True)
         # Keep the smallest prefix whose mass reaches top_p (the top token always stays).
         outside = sorted_p.cumsum(-1) - sorted_p >= top_p
-        sorted_p = sorted_p.masked_fill(outside, 0.0)
-        choice = torch.multinomial(sorted_p, 1, generator=generator)
-        return sorted_idx.gather(-1, choice).squeeze(-1)
-    return torch.multinomial(probs_BV, 1, generator=generator).squeeze(-1)
+        choice_B = _inverse_cdf(sorted_p.masked_fill_(outside, 0.0), generator)
+        return sorted_idx.gather(-1, choice_B[:, None]).squeeze(-1)
+    return _inverse_cdf(probs_BV, generator)
+
+
+def sample_top_p(logits_BV: torch.Tensor, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
+    """A token per row from softmax(logits) [B, V] (top-p nucleus when top_p < 1)."""
+    return _sample_probs(torch.softmax(logits_BV, dim=-1), top_p, generator)
+
+
+def _fast_head(model: PreTrainedModel) -> torch.Tensor | None:
+    """The [V, H] output weight when logits are plainly base(x) @ W^T, else None."""
+    try:
+        return output_head(model)
+    except ValueError:
+        return None
+
+
+def _head_logits(hidden_BH: torch.Tensor, head_VH: torch.Tensor) -> torch.Tensor:
+    """hidden @ W^T for a few rows as (W @ hidden^T)^T: at B = 8, V = 49k, F.linear spends
+    more time repacking W than multiplying (33 vs 21 ms a token measured on CPU)."""
+    return (head_VH @ hidden_BH.T).T.contiguous()
 
 
 @torch.inference_mode()
 def generate_batch(model: PreTrainedModel, prompts: list[list[int]], *, eos_ids: set[int], pad_id: int,
                    max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
                    min_new_tokens: int = 0, generator: torch.Generator | None = None,
-                   greedy: bool = False) -> list[Sample]:
-    """Sample one response per prompt (prompts are token ids; rows are left-padded here)."""
+                   greedy: bool = False, multimodal: list | None = None,
+                   suppress_ids: list[int] | None = None) -> list[Sample]:
+    """Sample one response per prompt (prompts are token ids; rows are left-padded here).
+
+    multimodal: one `uniopd.models.multimodal.MultimodalInputs` (or None) per prompt, for
+    vision-language models; suppress_ids: tokens never sampled (a VLM's image placeholders).
+    Both default to None, the text path.
+    """
     device = next(model.parameters()).device
     B = len(prompts)
     P = max(len(p) for p in prompts)
@@ -59,31 +106,58 @@ def generate_batch(model: PreTrainedModel, prompts: list[list[int]], *, eos_ids:
     ids_BP, attn_BL = ids_BP.to(device), attn_BL.to(device)
     # Left padding shifts positions; recompute them so each row starts at position 0.
     pos_BP = (attn_BL.cumsum(-1) - 1).clamp(min=0)
-    eos_t = torch.tensor(sorted(eos_ids), device=device)
-    cache = DynamicCache()
-    out = model(input_ids=ids_BP, attention_mask=attn_BL, position_ids=pos_BP, past_key_values=cache,
-                use_cache=True, logits_to_keep=1)
-    logits_BV = out.logits[:, -1, :].float()
-    next_pos_B1 = pos_BP[:, -1:] + 1
+    extra: dict = {}
+    if multimodal is not None:
+        # Vision inputs for the prefill; M-RoPE models get [3, B, P] positions from their own rope index.
+        from uniopd.models.multimodal import prefill_inputs
 
+        extra, mrope_pos = prefill_inputs(model, ids_BP, attn_BL, multimodal, [len(p) for p in prompts])
+        pos_BP = pos_BP if mrope_pos is None else mrope_pos
+    eos_t = torch.tensor(sorted(eos_ids), device=device)
+    suppress_t = torch.tensor(sorted(suppress_ids), device=device) if suppress_ids else None
+    cache = DynamicCache()
+    V = vocab_limit(model)  # a head padded past the tokenizer: its padded rows are never sampled
+    out = model(input_ids=ids_BP, attention_mask=attn_BL, position_ids=pos_BP, past_key_values=cache,
+                use_cache=True, logits_to_keep=1, **extra)
+    logits_BV = out.logits[:, -1, :V].float()
+    next_pos_B1 = pos_BP[..., -1:] + 1  # [B, 1], or [3, B, 1] with M-RoPE
+
+    # Decode steps run the base model and apply the head themselves (see _head_logits).
+    head_VH = _fast_head(model)
+    body = base_model(model) if head_VH is not None else None
+    # One preallocated mask, sliced per step; none at all when no row is padded (text only).
+    L0 = attn_BL.shape[1]
+    mask_BL = None
+    if multimodal is not None or not bool(attn_BL.all()):
+        mask_BL = torch.ones((B, L0 + max_new_tokens), dtype=attn_BL.dtype, device=device)
+        mask_BL[:, :L0] = attn_BL
+    pad_B = torch.full((B,), pad_id, dtype=torch.long, device=device)
     tokens, logps = [], []
     done_B = torch.zeros(B, dtype=torch.bool, device=device)
     for t in range(max_new_tokens):
-        scaled_BV = logits_BV / temperature
+        scaled_BV = logits_BV / temperature if temperature != 1.0 else logits_BV
         if t < min_new_tokens:
             scaled_BV[:, eos_t] = float("-inf")
+        if suppress_t is not None:
+            scaled_BV[:, suppress_t] = float("-inf")
         logp_BV = torch.log_softmax(scaled_BV, dim=-1)
-        tok_B = scaled_BV.argmax(-1) if greedy else sample_top_p(scaled_BV, top_p, generator)
-        tok_B = torch.where(done_B, torch.full_like(tok_B, pad_id), tok_B)
+        tok_B = logp_BV.argmax(-1) if greedy else _sample_probs(logp_BV.exp(), top_p, generator)
+        tok_B = torch.where(done_B, pad_B, tok_B)
         tokens.append(tok_B)
         logps.append(logp_BV.gather(-1, tok_B[:, None]).squeeze(-1))
         done_B = done_B | torch.isin(tok_B, eos_t)
-        if bool(done_B.all()) or t == max_new_tokens - 1:
+        if t == max_new_tokens - 1 or (t >= min_new_tokens and bool(done_B.all())):
             break
-        attn_BL = torch.cat([attn_BL, torch.ones((B, 1), dtype=attn_BL.dtype, device=device)], dim=1)
-        out = model(input_ids=tok_B[:, None], attention_mask=attn_BL, position_ids=next_pos_B1,
-                    past_key_values=cache, use_cache=True)
-        logits_BV = out.logits[:, -1, :].float()
+        step_mask = None if mask_BL is None else mask_BL[:, : L0 + t + 1]
+        if body is not None:
+            out = body(input_ids=tok_B[:, None], attention_mask=step_mask, position_ids=next_pos_B1,
+                       past_key_values=cache, use_cache=True)
+            hidden_BH = (out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0])[:, -1, :]
+            logits_BV = _head_logits(hidden_BH, head_VH).float()
+        else:
+            out = model(input_ids=tok_B[:, None], attention_mask=step_mask, position_ids=next_pos_B1,
+                        past_key_values=cache, use_cache=True)
+            logits_BV = out.logits[:, -1, :V].float()
         next_pos_B1 = next_pos_B1 + 1
 
     tok_BT = torch.stack(tokens, 1).cpu()
@@ -99,7 +173,8 @@ def generate_batch(model: PreTrainedModel, prompts: list[list[int]], *, eos_ids:
 
 def generate(model: PreTrainedModel, prompts: list[list[int]], cfg: RolloutConfig, *, n: int,
              eos_ids: set[int], pad_id: int, generator: torch.Generator | None = None,
-             greedy: bool = False) -> list[list[Sample]]:
+             greedy: bool = False, multimodal: list | None = None,
+             suppress_ids: list[int] | None = None) -> list[list[Sample]]:
     """n samples for each prompt, decoded in batches of `cfg.batch_size` sequences.
 
     Returns one list of n samples per prompt (the group). Sequences are sorted by prompt
@@ -109,17 +184,24 @@ def generate(model: PreTrainedModel, prompts: list[list[int]], cfg: RolloutConfi
     order = sorted(range(len(flat)), key=lambda j: len(flat[j][1]))
     results: list[Sample | None] = [None] * len(flat)
     was_training = model.training
+    threads = torch.get_num_threads()
+    switch = bool(cfg.threads) and cfg.threads != threads and next(model.parameters()).device.type == "cpu"
     model.eval()
     try:
+        if switch:
+            torch.set_num_threads(cfg.threads)
         for start in range(0, len(order), cfg.batch_size):
             idx = order[start: start + cfg.batch_size]
             batch = generate_batch(model, [flat[j][1] for j in idx], eos_ids=eos_ids, pad_id=pad_id,
                                    max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                                    top_p=cfg.top_p, min_new_tokens=cfg.min_new_tokens,
-                                   generator=generator, greedy=greedy)
+                                   generator=generator, greedy=greedy, suppress_ids=suppress_ids,
+                                   multimodal=None if multimodal is None else [multimodal[flat[j][0]] for j in idx])
             for j, sample in zip(idx, batch):
                 results[j] = sample
     finally:
+        if switch:
+            torch.set_num_threads(threads)
         model.train(was_training)
     groups: list[list[Sample]] = [[] for _ in prompts]
     for (i, _), sample in zip(flat, results):

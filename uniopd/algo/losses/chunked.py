@@ -40,6 +40,7 @@ from collections.abc import Callable, Iterator
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
 from uniopd.algo.losses.dense import forward_kl, generalized_jsd, mixed_kl, reverse_kl, upcast
@@ -47,6 +48,7 @@ from uniopd.algo.losses.topk import topk_kl
 
 __all__ = [
     "DENSE_LOSSES",
+    "TOKEN_LOGPROBS_KEEP_BYTES",
     "chunked_dense_loss",
     "chunked_token_logprobs",
     "dense_loss",
@@ -208,15 +210,66 @@ def chunked_dense_loss(
     return total / max(n_valid, 1)
 
 
-def _chunk_token_logprobs(
-    hidden_CH: Tensor, head_VH: Tensor, ids_C: Tensor, *, temperature: float
-) -> Tensor:
+# Bytes of [C, V] softmax probabilities one `chunked_token_logprobs` call may keep from its
+# forward for its backward; chunks past it recompute their logits in the backward instead.
+TOKEN_LOGPROBS_KEEP_BYTES = 256 * 2**20
+
+
+def _head_token_logprobs(
+    hidden_CH: Tensor, head_VH: Tensor, ids_C: Tensor, temperature: float, *, want_probs: bool
+) -> tuple[Tensor, Tensor | None]:
+    """log softmax(h W^T / τ)[id] for one chunk, and (want_probs) the softmax itself.
+
+    Works in place on the one [C, V] logits buffer the matmul returns: a fresh 100 MB
+    tensor costs more on CPU (page faults) than the arithmetic done on it, and
+    `torch.logsumexp` or `log_softmax` would allocate one or two more.
+    """
     logits_CV = upcast(F.linear(hidden_CH, head_VH))
     if temperature != 1.0:
-        logits_CV = logits_CV / temperature
-    # z[id] - logsumexp(z): no [C, V] log_softmax output to keep.
+        logits_CV.div_(temperature)
     picked_C = logits_CV.gather(-1, ids_C.unsqueeze(-1)).squeeze(-1)
-    return picked_C - torch.logsumexp(logits_CV, dim=-1)
+    max_C1 = logits_CV.amax(-1, keepdim=True)
+    exp_CV = logits_CV.sub_(max_C1).exp_()
+    sum_C1 = exp_CV.sum(-1, keepdim=True)
+    logp_C = picked_C - (max_C1 + sum_C1.log()).squeeze(-1)
+    return logp_C, (exp_CV.div_(sum_C1) if want_probs else None)
+
+
+class _HeadTokenLogprobs(torch.autograd.Function):
+    """One chunk of `chunked_token_logprobs` with a hand-written backward.
+
+        d log p(id) / d z = (onehot(id) - softmax(z)) / τ,   z = h W^T / τ
+
+    The forward keeps the chunk's softmax (one [C, V] buffer) when `keep`, else only h and
+    W, and the backward recomputes it (what a checkpoint would do, minus autograd's extra
+    [C, V] temporaries). The backward turns that buffer into dL/dz in place and applies
+    two matmuls: dL/dh = dz W, dL/dW = dz^T h.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden_CH, head_VH, ids_C, temperature, keep):  # noqa: D102
+        logp_C, probs_CV = _head_token_logprobs(hidden_CH, head_VH, ids_C, temperature, want_probs=keep)
+        ctx.save_for_backward(hidden_CH, head_VH, ids_C)
+        ctx.temperature = temperature
+        ctx.probs_CV = probs_CV  # used up (in place) by the first backward
+        return logp_C
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_C):  # noqa: D102
+        hidden_CH, head_VH, ids_C = ctx.saved_tensors
+        probs_CV, ctx.probs_CV = ctx.probs_CV, None
+        if probs_CV is None:  # not kept, or a second backward (retain_graph)
+            _, probs_CV = _head_token_logprobs(hidden_CH, head_VH, ids_C, ctx.temperature, want_probs=True)
+        g_C1 = grad_C.to(probs_CV.dtype).unsqueeze(-1)
+        dz_CV = probs_CV.mul_(g_C1.neg())
+        dz_CV.scatter_add_(-1, ids_C.unsqueeze(-1), g_C1)
+        if ctx.temperature != 1.0:
+            dz_CV.div_(ctx.temperature)
+        dz_CV = dz_CV.to(head_VH.dtype)
+        grad_hidden = dz_CV @ head_VH if ctx.needs_input_grad[0] else None
+        grad_head = dz_CV.T @ hidden_CH if ctx.needs_input_grad[1] else None
+        return grad_hidden, grad_head, None, None, None
 
 
 def chunked_token_logprobs(
@@ -226,11 +279,15 @@ def chunked_token_logprobs(
     *,
     chunk_size: int = 1024,
     temperature: float = 1.0,
+    keep_bytes: int | None = None,
 ) -> Tensor:
     """log softmax(hidden @ head^T / temperature) gathered at ids, chunk by chunk.
 
-    Checkpointed per chunk when a gradient is needed, so neither pass holds more than one
-    chunk's [C, V] logits.
+    No pass holds more than one chunk's [C, V] logits at a time. With a gradient, each
+    chunk's softmax is kept for the backward while the call's total stays within
+    `keep_bytes` (default TOKEN_LOGPROBS_KEEP_BYTES, 256 MiB); chunks past the budget are
+    recomputed in the backward, as a checkpoint would. Values and gradients are the same
+    either way.
 
     Args:
         hidden_NH: [N, H] final hidden states.
@@ -238,6 +295,7 @@ def chunked_token_logprobs(
         ids_N: [N] long, the token whose log-prob is wanted at each position.
         chunk_size: tokens per chunk.
         temperature: > 0, logits are divided by it.
+        keep_bytes: memory budget for kept [C, V] softmax chunks (0: recompute every chunk).
 
     Returns:
         [N] log-probs, float32 (float64 for float64 inputs).
@@ -251,16 +309,20 @@ def chunked_token_logprobs(
             f"expected hidden [N, H] and ids [N], got {tuple(hidden_NH.shape)} "
             f"and {tuple(ids_N.shape)}"
         )
-    fn = functools.partial(_chunk_token_logprobs, temperature=temperature)
+    budget = TOKEN_LOGPROBS_KEEP_BYTES if keep_bytes is None else keep_bytes
     needs_grad = torch.is_grad_enabled() and (hidden_NH.requires_grad or head_VH.requires_grad)
     ids_N = ids_N.to(device=hidden_NH.device, dtype=torch.long)
-    pieces = []
+    itemsize = upcast(hidden_NH[:0]).element_size()
+    pieces, kept = [], 0
     for start in range(0, hidden_NH.shape[0], chunk_size):
         args = (hidden_NH[start : start + chunk_size], head_VH, ids_N[start : start + chunk_size])
         if needs_grad:
-            pieces.append(checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=False))
+            size = args[0].shape[0] * head_VH.shape[0] * itemsize
+            keep = kept + size <= budget
+            kept += size if keep else 0
+            pieces.append(_HeadTokenLogprobs.apply(*args, temperature, keep))
         else:
-            pieces.append(fn(*args))
+            pieces.append(_head_token_logprobs(*args, temperature, want_probs=False)[0])
     if not pieces:
         return upcast(hidden_NH.sum(dim=-1))  # [0], still on the graph
     return torch.cat(pieces)

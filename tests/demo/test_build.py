@@ -1,0 +1,70 @@
+"""The demo's data and model builds: reasoning-gym problems, cached tiny models."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+from transformers import LlamaForCausalLM
+
+from uniopd.config import ModelConfig
+from uniopd.demo.build import TinyModelSpec, arithmetic_records, build_model, heldout_records, mixed_records
+from uniopd.models.loading import load_model
+
+TINY = TinyModelSpec(layers=1, hidden=32, heads=2, sft_steps=3, sft_examples=64, lr=1e-3, batch_size=8)
+
+
+def test_arithmetic_records_are_fixed_width_sums_with_correct_answers():
+    recs = arithmetic_records(50, seed=7)
+    assert len(recs) == 50 and len({r.id for r in recs}) == 50
+    for r in recs:
+        expr = r.prompt.removeprefix("Calculate ").removesuffix(".")
+        terms = [int(t) for t in expr.split("+")]
+        assert len(terms) == 2 and all(10 <= t < 100 for t in terms), r.prompt
+        assert r.answer == str(sum(terms)) and r.verifier == "exact" and r.domain == "addition"
+    assert [r.prompt for r in arithmetic_records(50, seed=7)] == [r.prompt for r in recs]  # deterministic
+
+
+def test_subtraction_records_have_non_negative_answers_and_their_own_domain():
+    recs = arithmetic_records(40, seed=3, task="subtraction")
+    for r in recs:
+        a, b = (int(t) for t in r.prompt.removeprefix("Calculate ").removesuffix(".").split(" - "))
+        assert 10 <= a < 100 and 10 <= b < 100 and a >= b and r.answer == str(a - b) and r.domain == "subtraction"
+    with pytest.raises(ValueError, match="unknown demo task"):
+        arithmetic_records(1, seed=0, task="division")
+
+
+def test_mixed_records_interleave_tasks_and_skip_heldout():
+    recs = mixed_records(10, seed=5, tasks=("addition", "subtraction"), prefix="m")
+    assert [r.domain for r in recs] == ["addition", "subtraction"] * 5
+    heldout = {r.prompt for task in ("addition", "subtraction") for r in heldout_records(task=task)}
+    assert not heldout & {r.prompt for r in mixed_records(400, seed=10_000, tasks=("addition", "subtraction"),
+                                                          prefix="m")}
+
+
+def test_training_prompts_never_include_heldout_prompts():
+    heldout = {r.prompt for r in heldout_records()}
+    assert len(heldout) > 250  # 2-digit sums repeat rarely; a small set would make the check vacuous
+    train = arithmetic_records(2000, seed=1_000_000, exclude=heldout)
+    assert not heldout & {r.prompt for r in train}
+
+
+def test_build_model_caches_and_loads_as_an_ordinary_hf_model(tmp_path):
+    logs: list[str] = []
+    path, cached = build_model("student", TINY, tmp_path, progress=False, log=logs.append)
+    assert not cached and logs and (path / "built.ok").exists()
+    again, cached = build_model("student", TINY, tmp_path, progress=False, log=logs.append)
+    assert cached and again == path and len(logs) == 1  # the second call built nothing
+    loaded = load_model(ModelConfig(path=str(path), chat_template=False), trainable=False)
+    assert isinstance(loaded.model, LlamaForCausalLM)
+    assert loaded.model.config.num_hidden_layers == 1 and loaded.model.config.hidden_size == 32
+    assert loaded.tokenizer.decode(loaded.tokenizer("12+34")["input_ids"], skip_special_tokens=True) == "12+34"
+
+
+def test_a_changed_recipe_or_an_interrupted_build_is_rebuilt(tmp_path):
+    path, _ = build_model("teacher", TINY, tmp_path, progress=False, log=lambda _: None)
+    other, cached = build_model("teacher", replace(TINY, sft_steps=4), tmp_path, progress=False, log=lambda _: None)
+    assert other != path and not cached
+    (path / "built.ok").unlink()  # as if killed before the build finished
+    rebuilt, cached = build_model("teacher", TINY, tmp_path, progress=False, log=lambda _: None)
+    assert rebuilt == path and not cached and (path / "built.ok").exists()
