@@ -484,6 +484,18 @@ def main(argv: list[str] | None = None) -> dict:
     return res
 
 
+# Why a phase can sit below half the matmul peak on these shapes (see benchmarks/README.md).
+BELOW_HALF_WHY = {
+    "rollout": "each decode step multiplies only rows-in-flight (prompts x n) by every weight matrix; "
+               "GEMMs that thin run far below the large-matmul peak, and each layer adds Python/HF overhead "
+               "per token. More rows per step (rollout.n, batch_size) raise it.",
+    "teacher": "one forward over the padded batch; short sequences make thin GEMMs and the 49k-row "
+               "output layer's log-softmax is memory-bound.",
+    "update": "forward + backward at micro_batch_size rows; the output layer's softmax and its backward "
+              "are memory-bound, and the optimizer step and attention are not matmuls.",
+}
+
+
 def print_table(res: dict, flops_u: dict, flops_t: dict) -> None:
     c = res["config"]
     print(f"OPD step throughput: {c['prompts']} prompts x {c['new_tokens']} new tokens (prompt {c['prompt_tokens']:.0f}"
@@ -512,6 +524,8 @@ def print_table(res: dict, flops_u: dict, flops_t: dict) -> None:
             tg = res["trl_phase_gflops"][tk]
             s += f" {tg:6.1f} ({100 * tg / res['peak_matmul_gflops']:3.0f}%)"
         print(s)
+        if ug < 0.5 * res["peak_matmul_gflops"]:
+            print(f"  {k} below half of peak: {BELOW_HALF_WHY[k]}")
     if has_trl:
         print(f"tokens/s ratio uniopd/TRL: {res['tokens_per_s_ratio']:.2f}")
 

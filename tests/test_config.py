@@ -63,3 +63,8 @@ def test_apply_override_rejects_descending_into_a_value():
     tree = {"trainer": {"lr": 1.0}}
     with pytest.raises(ConfigError, match="not a section"):
         apply_override(tree, "trainer.lr.x=1")
+
+
+def test_an_unbuilt_rollout_backend_is_refused_not_silently_ignored():
+    with pytest.raises(ConfigError, match="rollout.backend=vllm: the vLLM rollout backend is not built yet"):
+        load_config(None, ["rollout.backend=vllm"])

@@ -98,7 +98,8 @@ class DataConfig:
 
 @dataclass
 class RolloutConfig:
-    backend: str = _f("hf", "generation backend: hf (default) or vllm")
+    backend: str = _f("hf", "generation backend: hf (the batched KV-cache loop in uniopd/rollout/hf.py; "
+                            "a vLLM backend is not built yet)")
     prompts_per_step: int = _f(8, "prompts sampled per training step")
     n: int = _f(4, "rollouts per prompt (the group)")
     temperature: float = _f(1.0, "sampling temperature")
@@ -110,7 +111,9 @@ class RolloutConfig:
                                    "decode ops can run faster on fewer threads than the update's matmuls")
 
     def validate(self, key: str) -> None:
-        _check_choice(f"{key}.backend", self.backend, ("hf", "vllm"))
+        if self.backend == "vllm":
+            raise ConfigError(f"{key}.backend=vllm: the vLLM rollout backend is not built yet; use hf")
+        _check_choice(f"{key}.backend", self.backend, ("hf",))
         _check_range(f"{key}.temperature", self.temperature, 0.0, lo_open=True)
         _check_range(f"{key}.top_p", self.top_p, 0.0, 1.0, lo_open=True)
         for name in ("prompts_per_step", "n", "max_new_tokens", "batch_size"):

@@ -19,11 +19,11 @@ from typing import Any
 from uniopd.data.loader import write_records
 from uniopd.demo.build import (STUDENT, TEACHER, TinyModelSpec, build_model, default_cache_dir, heldout_records,
                                mixed_records)
-from uniopd.demo.run import DEFAULT_STEPS, accuracy_by_domain, demo_config
+from uniopd.demo.run import DEFAULT_STEPS, accuracy_by_domain, distil
 
 DOMAINS = ("addition", "subtraction")
 EXPERTS = {d: replace(TEACHER, tasks=(d,)) for d in DOMAINS}
-MIXED_STUDENT = replace(STUDENT, tasks=DOMAINS, sft_steps=3 * STUDENT.sft_steps)
+MIXED_STUDENT = replace(STUDENT, tasks=DOMAINS, sft_steps=4 * STUDENT.sft_steps)
 
 
 def run_multi_teacher_demo(*, seed: int = 0, out_dir: Path = Path("runs/demo_multi"), steps: int | None = None,
@@ -31,8 +31,6 @@ def run_multi_teacher_demo(*, seed: int = 0, out_dir: Path = Path("runs/demo_mul
                            progress: bool = True, log=print, experts: dict[str, TinyModelSpec] | None = None,
                            student_spec: TinyModelSpec = MIXED_STUDENT, num_train: int = 2000,
                            num_heldout: int = 200, extra: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
-    from uniopd.trainer import Trainer
-
     t0 = time.perf_counter()
     experts = experts or EXPERTS
     steps = steps or DEFAULT_STEPS
@@ -60,15 +58,12 @@ def run_multi_teacher_demo(*, seed: int = 0, out_dir: Path = Path("runs/demo_mul
     results: dict[str, Any] = {"seed": seed, "steps": steps, "accuracy": rows, "methods": {}}
     for method in methods:
         run_dir = out_dir / method
-        cfg = demo_config(student_dir, teacher_dirs, train_file, run_dir, seed=seed, steps=steps, method=method,
-                          progress=progress, extra=extra)
-        t = time.perf_counter()
-        result = Trainer(cfg).train()
-        final = run_dir / "checkpoints" / f"step_{result['step']:06d}"
+        result, final, secs = distil(student_dir, teacher_dirs, train_file, run_dir, seed=seed, steps=steps,
+                                     method=method, progress=progress, extra=extra)
         rows[f"student + {method}"] = accuracy_by_domain(final, eval_recs)
-        results["methods"][method] = {"train_seconds": time.perf_counter() - t, "checkpoint": str(final),
+        results["methods"][method] = {"train_seconds": secs, "checkpoint": str(final),
                                       "metrics_path": result["metrics_path"]}
-        log(f"{method}: {steps} steps in {time.perf_counter() - t:.0f}s; metrics: {result['metrics_path']}")
+        log(f"{method}: {steps} steps in {secs:.0f}s; metrics: {result['metrics_path']}")
 
     log("")
     log(f"{'held-out accuracy':22s}" + "".join(f"{d:>13s}" for d in DOMAINS))

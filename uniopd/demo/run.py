@@ -55,6 +55,19 @@ def demo_config(student: Path, teacher: Path | dict[str, Path], train_file: Path
     return load_config(None, base + method_overrides(method) + list(extra))
 
 
+def distil(student: Path, teacher: Path | dict[str, Path], train_file: Path, run_dir: Path, *, seed: int,
+           steps: int, method: str, progress: bool,
+           extra: list[str] | tuple[str, ...] = ()) -> tuple[dict[str, Any], Path, float]:
+    """One demo OPD run: (the trainer's result, its final checkpoint, seconds)."""
+    from uniopd.trainer import Trainer
+
+    cfg = demo_config(student, teacher, train_file, run_dir, seed=seed, steps=steps, method=method,
+                      progress=progress, extra=extra)
+    t = time.perf_counter()
+    result = Trainer(cfg).train()
+    return result, Path(run_dir) / "checkpoints" / f"step_{result['step']:06d}", time.perf_counter() - t
+
+
 def accuracy_by_domain(model_dir: Path, records) -> dict[str, float]:
     """Greedy held-out accuracy per record domain, plus "all"."""
     loaded = load_model(ModelConfig(path=str(model_dir), chat_template=False), trainable=False)
@@ -76,8 +89,6 @@ def run_demo(*, seed: int = 0, out_dir: Path = Path("runs/demo"), steps: int | N
     The keyword arguments after `log` exist for tests and experiments (smaller models,
     fewer prompts, config overrides); the defaults are the demo.
     """
-    from uniopd.trainer import Trainer
-
     t0 = time.perf_counter()
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 4)))
     steps = steps or DEFAULT_STEPS
@@ -113,16 +124,13 @@ def run_demo(*, seed: int = 0, out_dir: Path = Path("runs/demo"), steps: int | N
                                "student_before_acc": acc_before, "seconds": seconds, "methods": {}}
     for method in methods:
         run_dir = out_dir / method
-        cfg = demo_config(student_dir, teacher_dir, train_file, run_dir, seed=seed, steps=steps, method=method,
-                          progress=progress, extra=extra)
-        t = time.perf_counter()
-        result = Trainer(cfg).train()
-        final = Path(run_dir) / "checkpoints" / f"step_{result['step']:06d}"
+        result, final, secs = distil(student_dir, teacher_dir, train_file, run_dir, seed=seed, steps=steps,
+                                     method=method, progress=progress, extra=extra)
         acc_after = _accuracy(final, eval_recs)
-        results["methods"][method] = {"student_after_acc": acc_after, "train_seconds": time.perf_counter() - t,
+        results["methods"][method] = {"student_after_acc": acc_after, "train_seconds": secs,
                                       "metrics_path": result["metrics_path"], "checkpoint": str(final),
                                       "final_teacher_kl": result["metrics"].get("teacher_kl")}
-        log(f"{method:>7}: student after {steps} steps {acc_after:.1%} ({time.perf_counter() - t:.0f}s); "
+        log(f"{method:>7}: student after {steps} steps {acc_after:.1%} ({secs:.0f}s); "
             f"metrics: {result['metrics_path']}")
 
     log("")

@@ -16,11 +16,14 @@ from transformers import PreTrainedTokenizerFast
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
 
 
-def char_tokenizer() -> PreTrainedTokenizerFast:
+def char_tokenizer(*, extra_specials: list[str] | tuple[str, ...] = (),
+                   eos_token: str = "</s>") -> PreTrainedTokenizerFast:
+    """One token per printable character after SPECIALS + extra_specials (e.g. a VLM's image tokens)."""
     chars = [c for c in string.printable if c not in "\t\n\r\x0b\x0c"] + ["\n"]
-    vocab = {tok: i for i, tok in enumerate(SPECIALS + chars)}
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + list(extra_specials) + chars)}
     tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     tk.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                   unk_token="<unk>", padding_side="left")
+    kwargs = {"additional_special_tokens": list(extra_specials)} if extra_specials else {}
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token=eos_token,
+                                   unk_token="<unk>", padding_side="left", **kwargs)

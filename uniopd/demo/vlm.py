@@ -13,12 +13,10 @@ real checkpoint.
 
 from __future__ import annotations
 
-import string
 import sys
 from pathlib import Path
 
 import torch
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
@@ -35,13 +33,10 @@ CHAT_TEMPLATE = (
 
 def vlm_tokenizer() -> PreTrainedTokenizerFast:
     """Character-level tokenizer with the Qwen-VL special tokens and a chat template; EOS is <|im_end|>."""
-    chars = [c for c in string.printable if c not in "\t\n\r\x0b\x0c"] + ["\n"]
-    vocab = {tok: i for i, tok in enumerate(SPECIALS + chars)}
-    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    tk.decoder = decoders.Fuse()
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="<|im_end|>",
-                                  unk_token="<unk>", padding_side="left", additional_special_tokens=SPECIALS[4:])
+    from uniopd.demo.tokenizer import SPECIALS as BASE_SPECIALS, char_tokenizer
+
+    assert SPECIALS[: len(BASE_SPECIALS)] == BASE_SPECIALS
+    tok = char_tokenizer(extra_specials=SPECIALS[len(BASE_SPECIALS):], eos_token="<|im_end|>")
     tok.chat_template = CHAT_TEMPLATE
     return tok
 
