@@ -19,11 +19,12 @@ from typing import Any
 from uniopd.data.loader import write_records
 from uniopd.demo.build import (STUDENT, TEACHER, TinyModelSpec, build_model, default_cache_dir, heldout_records,
                                mixed_records)
-from uniopd.demo.run import DEFAULT_STEPS, accuracy_by_domain, distil
+from uniopd.demo.run import accuracy_by_domain, distil
 
 DOMAINS = ("addition", "subtraction")
 EXPERTS = {d: replace(TEACHER, tasks=(d,)) for d in DOMAINS}
 MIXED_STUDENT = replace(STUDENT, tasks=DOMAINS, sft_steps=4 * STUDENT.sft_steps)
+MULTI_STEPS = 300  # each domain gets half of every batch, so more steps than the single-teacher demo
 
 
 def run_multi_teacher_demo(*, seed: int = 0, out_dir: Path = Path("runs/demo_multi"), steps: int | None = None,
@@ -33,7 +34,7 @@ def run_multi_teacher_demo(*, seed: int = 0, out_dir: Path = Path("runs/demo_mul
                            num_heldout: int = 200, extra: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
     t0 = time.perf_counter()
     experts = experts or EXPERTS
-    steps = steps or DEFAULT_STEPS
+    steps = steps or MULTI_STEPS
     cache_dir = cache_dir or default_cache_dir() / "demo"
     out_dir = Path(out_dir)
     eval_recs = [r for d in DOMAINS for r in heldout_records(num_heldout, task=d)]
