@@ -39,3 +39,17 @@ def test_training_memorises_a_tiny_set(tiny_student_dir):
     assert losses[-1] < 0.3 * losses[0], losses[::10]
     assert any(not torch.equal(before[n], p) for n, p in loaded.model.named_parameters())
     assert not loaded.model.training  # handed back in eval mode
+
+
+def test_should_stop_ends_training_at_the_step_it_first_says_so(tiny_student_dir):
+    loaded = load_model(ModelConfig(path=str(tiny_student_dir), chat_template=False), trainable=True)
+    seen: list[int] = []
+
+    def stop(step: int) -> bool:
+        seen.append(step)
+        return step == 3
+
+    losses = sft_train(loaded, _pairs(loaded.tokenizer), SFTConfig(steps=10, batch_size=2, lr=1e-3, warmup_steps=1),
+                       progress=False, should_stop=stop)
+    assert len(losses) == 3 and seen == [1, 2, 3]
+    assert not loaded.model.training

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -31,8 +32,14 @@ class SFTConfig:
 
 
 def sft_train(loaded: LoadedModel, pairs: list[tuple[list[int], list[int]]], cfg: SFTConfig, *,
-              progress: bool = True, log_every: int = 0) -> list[float]:
-    """Train on pairs of (prompt ids, response ids incl. EOS). Returns the loss per step."""
+              progress: bool = True, should_stop: Callable[[int], bool] | None = None) -> list[float]:
+    """Train on pairs of (prompt ids, response ids incl. EOS). Returns the loss per step.
+
+    `should_stop(steps_done)` runs after every optimizer step; when it returns True training
+    ends there (the learning-rate schedule still spans `cfg.steps`). The demo uses it to stop
+    a build once held-out-style validation accuracy reaches a target, so the model lands at a
+    known strength whatever trajectory SFT takes.
+    """
     model = loaded.model
     device = next(model.parameters()).device
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
@@ -73,6 +80,8 @@ def sft_train(loaded: LoadedModel, pairs: list[tuple[list[int], list[int]]], cfg
         if bar:
             bar.update(1)
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        if should_stop is not None and should_stop(step + 1):
+            break
     if bar:
         bar.close()
     model.eval()

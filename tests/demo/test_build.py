@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 
 import pytest
 from transformers import LlamaForCausalLM
 
 from uniopd.config import ModelConfig
-from uniopd.demo.build import TinyModelSpec, arithmetic_records, build_model, heldout_records, mixed_records
+from uniopd.demo.build import (TinyModelSpec, arithmetic_records, build_model, heldout_records, mixed_records,
+                               validation_records)
 from uniopd.models.loading import load_model
 
 TINY = TinyModelSpec(layers=1, hidden=32, heads=2, sft_steps=3, sft_examples=64, lr=1e-3, batch_size=8)
@@ -68,3 +70,27 @@ def test_a_changed_recipe_or_an_interrupted_build_is_rebuilt(tmp_path):
     (path / "built.ok").unlink()  # as if killed before the build finished
     rebuilt, cached = build_model("teacher", TINY, tmp_path, progress=False, log=lambda _: None)
     assert rebuilt == path and not cached and (path / "built.ok").exists()
+
+
+def test_a_build_stops_at_its_validation_target_and_records_where(tmp_path):
+    logs: list[str] = []
+    # Any accuracy meets a target of 0: the build stops at its first evaluation.
+    path, _ = build_model("student", replace(TINY, sft_steps=9, target_acc=0.0, eval_every=2), tmp_path,
+                          progress=False, log=logs.append)
+    built = json.loads((path / "built.ok").read_text())
+    assert built["sft_steps"] == 2 and built["validation"]["step"] == 2
+    assert 0.0 <= built["validation"]["all"] <= 1.0 and "addition" in built["validation"]
+    assert "reached validation accuracy 0% after 2 SFT steps" in logs[-1]
+    # A random 1-layer model never answers a sum right: it trains all its steps and says so.
+    path, _ = build_model("student", replace(TINY, sft_steps=5, target_acc=1.0, eval_every=2), tmp_path,
+                          progress=False, log=logs.append)
+    built = json.loads((path / "built.ok").read_text())
+    assert built["sft_steps"] == 5 and built["validation"]["step"] == 4
+    assert "did not reach validation accuracy 100% after 5 SFT steps" in logs[-1]
+
+
+def test_validation_prompts_are_not_held_out():
+    val = validation_records(("addition", "subtraction"))
+    held = {r.prompt for task in ("addition", "subtraction") for r in heldout_records(task=task)}
+    assert len(val) == 200 and {r.domain for r in val} == {"addition", "subtraction"}
+    assert not held & {r.prompt for r in val}

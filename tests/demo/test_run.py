@@ -42,8 +42,6 @@ def test_demo_runs_both_methods_and_writes_a_summary(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="issue 2: the current demo build (teacher 100 %, student 11.3 %) gains nothing in "
-                          "120 steps; the gain held only on an earlier build", strict=False)
 @pytest.mark.parametrize("seed", [0, 1])
 def test_the_demo_improves_the_student_with_both_methods(tmp_path, seed):
     """The README's promise: a real held-out gain toward the teacher, for any seed."""

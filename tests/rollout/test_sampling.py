@@ -121,3 +121,26 @@ def test_rollout_threads_apply_while_decoding_only(tiny_student_dir, monkeypatch
         assert seen == [1] and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_sampling_across_blocks_follows_the_softmax(monkeypatch):
+    # Small blocks so a short vocabulary spans several, one of them partial and one all zero.
+    monkeypatch.setattr(hf, "CDF_BLOCK", 4)
+    logits = torch.full((14,), float("-inf"))
+    logits[[0, 3, 5, 6, 12, 13]] = torch.tensor([1.0, -0.5, 2.0, 0.0, 0.5, -1.0])  # block 2 (8..11) empty
+    counts = _draw(logits, 1.0, 5)
+    probs = torch.softmax(logits.double(), -1)
+    assert counts[probs == 0].sum() == 0
+    assert _chi2(counts, probs) < CHI2_DF5_P001
+
+
+def test_a_vocabulary_of_many_blocks_draws_every_token_it_should():
+    # The default block size on a 49k vocabulary: the mass sits on tokens in different blocks.
+    logits = torch.full((49_152,), float("-inf"))
+    hot = torch.tensor([7, 511, 512, 30_000, 49_151])
+    logits[hot] = 0.0
+    draws = 2_000  # 2,000 rows of 49k floats: 0.4 GB, not the 8 GB of DRAWS rows
+    toks = sample_top_p(logits.expand(draws, -1), 1.0, torch.Generator().manual_seed(6))
+    counts = torch.bincount(toks, minlength=logits.shape[0]).double()
+    assert counts[hot].sum() == draws
+    assert _chi2(counts[hot], torch.full((5,), 0.2, dtype=torch.float64)) < 18.47  # df 4, p = 0.001

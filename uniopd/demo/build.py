@@ -1,11 +1,17 @@
 """Build the demo's data and models, offline.
 
-Data: multi-digit addition from `reasoning-gym` ("Calculate 261 + 120." → "381").
+Data: two-digit addition (and subtraction) from `reasoning-gym` ("Calculate 61 + 20." → "81").
 Teacher: a 3-layer, 128-wide Llama trained by supervised fine-tuning to high accuracy.
-Student: a 2-layer, 64-wide Llama given a short SFT warm-up, so it knows the answer format
+Student: a 2-layer, 128-wide Llama given a short SFT warm-up, so it knows the answer format
 but is often wrong. Both are ordinary `LlamaForCausalLM` + `PreTrainedTokenizerFast`
 directories written by `save_pretrained`, loaded back through `uniopd.models.loading`
 exactly like a real checkpoint. Built models are cached by a hash of their recipe.
+
+A build stops on validation accuracy, not on a step count: SFT from scratch is chaotic
+(a change in the floating-point order of the backward pass moved a 270-step student from
+22 % to 11 % held-out accuracy), and how much OPD can lift a student depends on where it
+starts. Evaluating every `eval_every` steps on validation prompts (disjoint from the
+held-out set) and stopping at `target_acc` lands each build at the same strength.
 """
 
 from __future__ import annotations
@@ -96,16 +102,22 @@ class TinyModelSpec:
     min_lr_ratio: float = 0.1  # cosine decay to this fraction of lr (1.0: constant after warm-up)
     seed: int = 0
     tasks: tuple[str, ...] = ("addition",)  # SFT data, split evenly
+    target_acc: float | None = None  # stop SFT once greedy validation accuracy reaches this
+    eval_every: int = 10
 
     def key(self, kind: str) -> str:
-        blob = json.dumps({"kind": kind, "v": 3, "digits": DIGITS, "eval_seed": EVAL_SEED, **asdict(self)},
+        blob = json.dumps({"kind": kind, "v": 4, "digits": DIGITS, "eval_seed": EVAL_SEED, **asdict(self)},
                           sort_keys=True)
         return f"{kind}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
 
 
-TEACHER = TinyModelSpec(layers=3, hidden=128, heads=4, sft_steps=700, sft_examples=20_000, lr=3e-3)
-STUDENT = TinyModelSpec(layers=2, hidden=128, heads=4, sft_steps=270, sft_examples=20_000, lr=3e-3,
-                        min_lr_ratio=1.0)
+# lr 1e-3: at 3e-3 the same models sat on a ~10 % plateau for a few hundred to over 800
+# steps depending on the seed; at 1e-3 they left it between steps 175 and 350 on every seed
+# we tried (3 student seeds, 2 teacher seeds).
+TEACHER = TinyModelSpec(layers=3, hidden=128, heads=4, sft_steps=900, sft_examples=20_000, lr=1e-3,
+                        target_acc=0.98)
+STUDENT = TinyModelSpec(layers=2, hidden=128, heads=4, sft_steps=600, sft_examples=20_000, lr=1e-3,
+                        min_lr_ratio=1.0, target_acc=0.2)
 
 
 def tiny_llama(tokenizer, spec: TinyModelSpec) -> LlamaForCausalLM:
@@ -115,6 +127,24 @@ def tiny_llama(tokenizer, spec: TinyModelSpec) -> LlamaForCausalLM:
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id)
     return LlamaForCausalLM(config)
+
+
+def validation_records(tasks: tuple[str, ...], n: int = 200) -> list[PromptRecord]:
+    """Prompts a build checks its accuracy on: not held out, not from the OPD training seeds."""
+    return mixed_records(n, seed=20_000, tasks=tasks, prefix="val")
+
+
+def greedy_accuracy(loaded: LoadedModel, records: list[PromptRecord]) -> dict[str, float]:
+    """Greedy accuracy on records, per domain and "all" (the demo's answers are at most 6 tokens)."""
+    from uniopd.config import load_config
+    from uniopd.evaluate import evaluate_model
+
+    cfg = load_config(None, ["rollout.max_new_tokens=6", "rollout.batch_size=512", "model.chat_template=false"])
+    was_training = loaded.model.training
+    loaded.model.eval()
+    res = evaluate_model(loaded, records, cfg.rollout, cfg.model, cfg.data, greedy=True, progress=False)
+    loaded.model.train(was_training)
+    return {"all": res["metrics"]["avg@1"], **{d: m["avg@1"] for d, m in res["per_domain"].items()}}
 
 
 def sft_pairs(records: list[PromptRecord], tokenizer) -> list[tuple[list[int], list[int]]]:
@@ -138,15 +168,29 @@ def build_model(kind: str, spec: TinyModelSpec, cache_dir: Path, *, progress: bo
     # A seed far from the OPD/eval seeds; held-out prompts are excluded as well.
     pairs = sft_pairs(mixed_records(spec.sft_examples, seed=10_000 + spec.seed, tasks=tuple(spec.tasks),
                                     prefix=f"sft-{kind}"), tokenizer)
-    sft_train(LoadedModel(model, tokenizer, kind), pairs,
-              SFTConfig(steps=spec.sft_steps, batch_size=spec.batch_size, lr=spec.lr, seed=spec.seed,
-                        min_lr_ratio=spec.min_lr_ratio),
-              progress=progress)
+    loaded = LoadedModel(model, tokenizer, kind)
+    val = validation_records(tuple(spec.tasks)) if spec.target_acc is not None else []
+    reached: dict[str, float] = {}
+
+    def reached_target(step: int) -> bool:
+        if spec.target_acc is None or step % spec.eval_every:
+            return False
+        reached.update(greedy_accuracy(loaded, val), step=step)
+        return reached["all"] >= spec.target_acc
+
+    losses = sft_train(loaded, pairs, SFTConfig(steps=spec.sft_steps, batch_size=spec.batch_size, lr=spec.lr,
+                                                seed=spec.seed, min_lr_ratio=spec.min_lr_ratio),
+                       progress=progress, should_stop=reached_target)
+    if spec.target_acc is not None:
+        how = "reached" if reached.get("all", 0.0) >= spec.target_acc else "did not reach"
+        log(f"{kind}: {how} validation accuracy {spec.target_acc:.0%} after {len(losses)} SFT steps "
+            f"({reached.get('all', 0.0):.1%})")
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    (tmp / "built.ok").write_text("ok\n")
+    (tmp / "built.ok").write_text(json.dumps({"sft_steps": len(losses), "final_loss": losses[-1],
+                                              "validation": reached}) + "\n")
     shutil.rmtree(path, ignore_errors=True)
     tmp.rename(path)
     return path, False

@@ -20,11 +20,10 @@ import torch
 from uniopd.config import ModelConfig, load_config
 from uniopd.data.loader import write_records
 from uniopd.demo.build import (DIGITS, STUDENT, TEACHER, TinyModelSpec, arithmetic_records, build_model,
-                               default_cache_dir, heldout_records)
-from uniopd.evaluate import evaluate_model
+                               default_cache_dir, greedy_accuracy, heldout_records)
 from uniopd.models.loading import load_model
 
-DEFAULT_STEPS = 120
+DEFAULT_STEPS = 200
 
 
 def method_overrides(method: str) -> list[str]:
@@ -70,10 +69,8 @@ def distil(student: Path, teacher: Path | dict[str, Path], train_file: Path, run
 
 def accuracy_by_domain(model_dir: Path, records) -> dict[str, float]:
     """Greedy held-out accuracy per record domain, plus "all"."""
-    loaded = load_model(ModelConfig(path=str(model_dir), chat_template=False), trainable=False)
-    cfg = load_config(None, ["rollout.max_new_tokens=6", "rollout.batch_size=512"])
-    res = evaluate_model(loaded, records, cfg.rollout, cfg.model, cfg.data, greedy=True, progress=False)
-    return {"all": res["metrics"]["avg@1"], **{d: m["avg@1"] for d, m in res["per_domain"].items()}}
+    return greedy_accuracy(load_model(ModelConfig(path=str(model_dir), chat_template=False), trainable=False),
+                           records)
 
 
 def _accuracy(model_dir: Path, records) -> float:

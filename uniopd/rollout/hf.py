@@ -36,21 +36,38 @@ class Sample:
     extra: dict = field(default_factory=dict)
 
 
+CDF_BLOCK = 512  # vocabulary entries per block of the two-level inverse CDF
+
+
 def _inverse_cdf(weights_BV: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """One index per row, drawn with probability weight / row total, by inverse CDF.
 
     One uniform per row from `generator` (torch.multinomial draws one exponential per
-    vocabulary entry: at V = 49k that was most of the sampling time). The CDF is summed
-    in float64 so a token of probability 1e-7 keeps its mass; u is kept below the row
-    total, so the first index whose CDF exceeds it always has a positive weight.
+    vocabulary entry: at V = 49k that was most of the sampling time). Two levels: the
+    uniform first picks a block of CDF_BLOCK entries by the blocks' cumulative sums, then an
+    entry inside it; a full-vocabulary cumsum is sequential and cost ~3 ms a decode step at
+    B = 8, V = 49k, a blockwise sum is vectorised. Sums are in float64 so a token of
+    probability 1e-7 keeps its mass. The uniform is kept below each level's total, so the
+    first index whose CDF exceeds it always has a positive weight.
     """
-    cdf_BV = weights_BV.to(torch.float64).cumsum(-1)
-    total_B1 = cdf_BV[:, -1:]
+    B, V = weights_BV.shape
+    nb = -(-V // CDF_BLOCK)
+    w_BNK = torch.nn.functional.pad(weights_BV, (0, nb * CDF_BLOCK - V)).view(B, nb, CDF_BLOCK)
+    cdf_BN = w_BNK.sum(-1, dtype=torch.float64).cumsum(-1)
+    total_B1 = cdf_BN[:, -1:]
     if not bool(((total_B1 > 0) & torch.isfinite(total_B1)).all()):
         raise RuntimeError("cannot sample: a row's probabilities are all zero, or inf/nan")
-    u_B1 = torch.rand(total_B1.shape, generator=generator, dtype=torch.float64, device=cdf_BV.device)
-    u_B1 = torch.minimum(u_B1 * total_B1, torch.nextafter(total_B1, torch.zeros_like(total_B1)))
-    return torch.searchsorted(cdf_BV, u_B1, right=True).squeeze(-1)
+    u_B1 = torch.rand(total_B1.shape, generator=generator, dtype=torch.float64, device=cdf_BN.device) * total_B1
+    u_B1 = torch.minimum(u_B1, torch.nextafter(total_B1, torch.zeros_like(total_B1)))
+    block_B1 = torch.searchsorted(cdf_BN, u_B1, right=True)
+    below_B1 = torch.where(block_B1 > 0, cdf_BN.gather(-1, (block_B1 - 1).clamp(min=0)), 0.0)
+    rows_B = torch.arange(B, device=weights_BV.device)
+    inner_cdf_BK = w_BNK[rows_B, block_B1.squeeze(-1)].to(torch.float64).cumsum(-1)
+    # The block's own cumsum may round differently from its sum above: stay below it too.
+    inner_total_B1 = inner_cdf_BK[:, -1:]
+    u_B1 = torch.minimum(u_B1 - below_B1, torch.nextafter(inner_total_B1, torch.zeros_like(inner_total_B1)))
+    inner_B = torch.searchsorted(inner_cdf_BK, u_B1, right=True).squeeze(-1)
+    return block_B1.squeeze(-1) * CDF_BLOCK + inner_B
 
 
 def _sample_probs(probs_BV: torch.Tensor, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
