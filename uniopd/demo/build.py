@@ -140,10 +140,8 @@ def greedy_accuracy(loaded: LoadedModel, records: list[PromptRecord]) -> dict[st
     from uniopd.evaluate import evaluate_model
 
     cfg = load_config(None, ["rollout.max_new_tokens=6", "rollout.batch_size=512", "model.chat_template=false"])
-    was_training = loaded.model.training
-    loaded.model.eval()
+    # generate() puts the model in eval mode and hands it back in the mode it found it.
     res = evaluate_model(loaded, records, cfg.rollout, cfg.model, cfg.data, greedy=True, progress=False)
-    loaded.model.train(was_training)
     return {"all": res["metrics"]["avg@1"], **{d: m["avg@1"] for d, m in res["per_domain"].items()}}
 
 
