@@ -486,9 +486,10 @@ def main(argv: list[str] | None = None) -> dict:
 
 # Why a phase can sit below half the matmul peak on these shapes (see benchmarks/README.md).
 BELOW_HALF_WHY = {
-    "rollout": "each decode step multiplies only rows-in-flight (prompts x n) by every weight matrix; "
-               "GEMMs that thin run far below the large-matmul peak, and each layer adds Python/HF overhead "
-               "per token. More rows per step (rollout.n, batch_size) raise it.",
+    "rollout": "each decode step multiplies only rows-in-flight (prompts x n) by every weight matrix, so "
+               "it is bound by reading the weights, not by FLOPs: even on oneDNN-packed weights the GEMMs read "
+               "them at about half the speed of a plain read (benchmarks/decode_step.py). More rows per step "
+               "(rollout.n, batch_size) raise it.",
     "teacher": "one forward over the padded batch; short sequences make thin GEMMs and the 49k-row "
                "output layer's log-softmax is memory-bound.",
     "update": "forward + backward at micro_batch_size rows; the output layer's softmax and its backward "

@@ -107,6 +107,9 @@ class RolloutConfig:
     max_new_tokens: int = _f(256, "maximum response length")
     min_new_tokens: int = _f(0, "EOS is blocked before this many tokens (benchmarks)")
     batch_size: int = _f(64, "sequences decoded together")
+    decode: str = _f("auto", "decode steps: auto (uniopd.rollout.lean for Llama/Mistral/Qwen2/Qwen3 text "
+                             "models, on CPU fp32 with a oneDNN-packed copy of the weights while decoding; "
+                             "else the model's forward) | hf (always the model's forward)")
     threads: int | None = _f(None, "torch CPU threads while decoding (default: trainer.threads); small "
                                    "decode ops can run faster on fewer threads than the update's matmuls")
 
@@ -114,6 +117,7 @@ class RolloutConfig:
         if self.backend == "vllm":
             raise ConfigError(f"{key}.backend=vllm: the vLLM rollout backend is not built yet; use hf")
         _check_choice(f"{key}.backend", self.backend, ("hf",))
+        _check_choice(f"{key}.decode", self.decode, ("auto", "hf"))
         _check_range(f"{key}.temperature", self.temperature, 0.0, lo_open=True)
         _check_range(f"{key}.top_p", self.top_p, 0.0, 1.0, lo_open=True)
         for name in ("prompts_per_step", "n", "max_new_tokens", "batch_size"):

@@ -67,3 +67,14 @@ def test_multi_teacher_demo_routes_each_domain_to_its_expert(tmp_path):
     assert all({f"teacher/{d}/teacher_kl" for d in DOMAINS} <= row.keys() for row in rows)
     table = lines[lines.index(next(x for x in lines if x.startswith("held-out accuracy"))):]
     assert "addition" in table[0] and "subtraction" in table[0] and len(table) >= 5
+
+
+@pytest.mark.slow
+def test_the_multi_teacher_demo_improves_the_student_on_both_domains(tmp_path):
+    """Issue 5's bar: two experts, one student, a held-out gain on each expert's domain."""
+    from uniopd.demo.multi import DOMAINS, run_multi_teacher_demo
+
+    acc = run_multi_teacher_demo(out_dir=tmp_path / "multi", progress=False, log=lambda _: None)["accuracy"]
+    for d in DOMAINS:
+        assert acc[f"teacher {d}"][d] >= 0.9, (d, acc)
+        assert acc["student + opd"][d] >= acc["student before"][d] + 0.15, (d, acc)

@@ -25,6 +25,13 @@ def test_teacher_scores_equal_a_plain_log_softmax(tiny_teacher_dir):
             P = len(ids) - len(resp)
             expected += [logp[P - 1 + j, tok_id] for j, tok_id in enumerate(resp)]
     assert torch.allclose(scores.logp_N, torch.stack(expected), atol=1e-5)
+    # On CPU in fp32 those scores came from packed copies of the frozen teacher's weights.
+    from uniopd.models import packed
+
+    linears = [m.weight for m in lm.model.modules() if type(m) is torch.nn.Linear]
+    if packed.can_pack(linears[0]):
+        cached = {id(ref()) for ref, _, _ in packed._FROZEN.values()}
+        assert all(id(w) in cached for w in linears)
 
 
 def test_privileged_and_teacher_prompt_views():

@@ -11,7 +11,9 @@ A build stops on validation accuracy, not on a step count: SFT from scratch is c
 (a change in the floating-point order of the backward pass moved a 270-step student from
 22 % to 11 % held-out accuracy), and how much OPD can lift a student depends on where it
 starts. Evaluating every `eval_every` steps on validation prompts (disjoint from the
-held-out set) and stopping at `target_acc` lands each build at the same strength.
+held-out set) and stopping at `target_acc` lands each build at the same strength. The
+validation prompts all occur among the SFT prompts too (SFT draws 20,000 from a few
+thousand two-digit problems), so validation accuracy reads above held-out accuracy.
 """
 
 from __future__ import annotations

@@ -22,7 +22,12 @@ from uniopd.demo.build import (STUDENT, TEACHER, TinyModelSpec, build_model, def
 from uniopd.demo.run import accuracy_by_domain, distil
 
 DOMAINS = ("addition", "subtraction")
-EXPERTS = {d: replace(TEACHER, tasks=(d,)) for d in DOMAINS}
+# Subtraction is learned more slowly than addition, and the 98 % validation target stopped
+# its expert too soon. Validation prompts are all among the SFT prompts (two-digit
+# subtraction has ~4,000 problems; SFT draws 20,000), so validation accuracy measures fit:
+# 98 % there was 93 % held out. Training on to 100 % (1,400 steps, seed 0) gave 99.5 %.
+EXPERTS = {"addition": TEACHER,
+           "subtraction": replace(TEACHER, tasks=("subtraction",), sft_steps=2000, target_acc=1.0, eval_every=100)}
 MIXED_STUDENT = replace(STUDENT, tasks=DOMAINS, sft_steps=2 * STUDENT.sft_steps)  # stops at its target first
 MULTI_STEPS = 300  # each domain gets half of every batch, so more steps than the single-teacher demo
 

@@ -8,10 +8,12 @@ Log-probs are taken under logits / temperature, the distribution the token was a
 drawn from (before top-p truncation, as verl and TRL do); the update uses the same
 temperature, so the PPO ratio starts at exactly 1.
 
-Per decode step (what the CPU profile of issue 7 led to): the base model runs and the
-output head is applied here as W @ h^T; tokens are drawn by inverse CDF with one uniform
-per row from the caller's generator (reproducible, but a different random stream from
-torch.multinomial's); the attention mask is preallocated, or left out when no row is padded.
+Per decode step (what the CPU profile of issue 7 led to): the body runs through
+`uniopd.rollout.lean` for Llama/Mistral/Qwen2/Qwen3 text models (the model's own base
+forward otherwise) and the output head is applied here as W @ h^T; tokens are drawn by
+inverse CDF with one uniform per row from the caller's generator (reproducible, but a
+different random stream from torch.multinomial's); the attention mask is preallocated, or
+left out when no row is padded.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from transformers import DynamicCache, PreTrainedModel
 
 from uniopd.config import RolloutConfig
 from uniopd.models.forward import base_model, output_head, vocab_limit
+from uniopd.rollout.lean import LeanDecoder, unsupported_reason
 
 
 @dataclass
@@ -105,12 +108,13 @@ def generate_batch(model: PreTrainedModel, prompts: list[list[int]], *, eos_ids:
                    max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
                    min_new_tokens: int = 0, generator: torch.Generator | None = None,
                    greedy: bool = False, multimodal: list | None = None,
-                   suppress_ids: list[int] | None = None) -> list[Sample]:
+                   suppress_ids: list[int] | None = None, decode: str = "auto") -> list[Sample]:
     """Sample one response per prompt (prompts are token ids; rows are left-padded here).
 
     multimodal: one `uniopd.models.multimodal.MultimodalInputs` (or None) per prompt, for
     vision-language models; suppress_ids: tokens never sampled (a VLM's image placeholders).
-    Both default to None, the text path.
+    Both default to None, the text path. decode: "auto" runs the decode steps of supported
+    text models through `uniopd.rollout.lean`, "hf" always through the model's forward.
     """
     device = next(model.parameters()).device
     B = len(prompts)
@@ -142,10 +146,14 @@ def generate_batch(model: PreTrainedModel, prompts: list[list[int]], *, eos_ids:
     # Decode steps run the base model and apply the head themselves (see _head_logits).
     head_VH = _fast_head(model)
     body = base_model(model) if head_VH is not None else None
+    lean = None
+    if (body is not None and multimodal is None and decode == "auto" and hasattr(cache, "layers")
+            and unsupported_reason(model) is None):
+        lean = LeanDecoder(model, cache, attn_BL, max_new_tokens, head_VH=head_VH)
     # One preallocated mask, sliced per step; none at all when no row is padded (text only).
     L0 = attn_BL.shape[1]
     mask_BL = None
-    if multimodal is not None or not bool(attn_BL.all()):
+    if lean is None and (multimodal is not None or not bool(attn_BL.all())):
         mask_BL = torch.ones((B, L0 + max_new_tokens), dtype=attn_BL.dtype, device=device)
         mask_BL[:, :L0] = attn_BL
     pad_B = torch.full((B,), pad_id, dtype=torch.long, device=device)
@@ -166,7 +174,9 @@ def generate_batch(model: PreTrainedModel, prompts: list[list[int]], *, eos_ids:
         if t == max_new_tokens - 1 or (t >= min_new_tokens and bool(done_B.all())):
             break
         step_mask = None if mask_BL is None else mask_BL[:, : L0 + t + 1]
-        if body is not None:
+        if lean is not None:
+            logits_BV = lean.head(lean.step(tok_B, next_pos_B1[:, 0])).float()
+        elif body is not None:
             out = body(input_ids=tok_B[:, None], attention_mask=step_mask, position_ids=next_pos_B1,
                        past_key_values=cache, use_cache=True)
             hidden_BH = (out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0])[:, -1, :]
@@ -212,7 +222,7 @@ def generate(model: PreTrainedModel, prompts: list[list[int]], cfg: RolloutConfi
             batch = generate_batch(model, [flat[j][1] for j in idx], eos_ids=eos_ids, pad_id=pad_id,
                                    max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                                    top_p=cfg.top_p, min_new_tokens=cfg.min_new_tokens,
-                                   generator=generator, greedy=greedy, suppress_ids=suppress_ids,
+                                   generator=generator, greedy=greedy, suppress_ids=suppress_ids, decode=cfg.decode,
                                    multimodal=None if multimodal is None else [multimodal[flat[j][0]] for j in idx])
             for j, sample in zip(idx, batch):
                 results[j] = sample

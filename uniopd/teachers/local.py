@@ -2,7 +2,9 @@
 
 score() returns log πT(y_t | teacher view, y<t) for every student response token, from one
 forward pass over teacher-prompt + response per sequence. Micro-batched, and the output
-head is applied in token chunks, so no [B, T, V] tensor is ever held.
+head is applied in token chunks, so no [B, T, V] tensor is ever held. On CPU in fp32 the
+frozen teacher's linear layers and head run on oneDNN-packed copies of its weights
+(`uniopd.models.packed`, packed on first use).
 
 A vision-language teacher (its `LoadedModel.processor` set) renders its view with its
 processor and sees the record's images (pixel values, M-RoPE positions) in that forward;
@@ -21,6 +23,7 @@ from uniopd.config import TeacherConfig
 from uniopd.data.records import PromptRecord
 from uniopd.models.forward import build_layout, response_logprobs
 from uniopd.models.loading import LoadedModel
+from uniopd.models.packed import packed_linears
 from uniopd.models.prompts import render_prompt
 from uniopd.teachers.views import teacher_images, teacher_view
 
@@ -69,6 +72,10 @@ class LocalTeacher:
     def score(self, records: list[PromptRecord], responses: list[list[int]], *,
               return_hidden: bool = False) -> TeacherScores:
         """Token log-probs of each response under this teacher's view of its record."""
+        with packed_linears(self.model):  # CPU fp32: oneDNN on weights packed once (uniopd.models.packed)
+            return self._score(records, responses, return_hidden)
+
+    def _score(self, records: list[PromptRecord], responses: list[list[int]], return_hidden: bool) -> TeacherScores:
         device = next(self.model.parameters()).device
         logps, hiddens = [], []
         for start in range(0, len(records), self.micro_batch_size):

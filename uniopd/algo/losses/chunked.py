@@ -38,13 +38,13 @@ import functools
 from collections.abc import Callable, Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
 from uniopd.algo.losses.dense import forward_kl, generalized_jsd, mixed_kl, reverse_kl, upcast
 from uniopd.algo.losses.topk import topk_kl
+from uniopd.models.packed import linear
 
 __all__ = [
     "DENSE_LOSSES",
@@ -142,9 +142,9 @@ def _chunk_loss_sum(
     loss_kwargs: dict,
 ) -> Tensor:
     """Sum of the loss over one chunk of C (all valid) tokens, as a B=1, T=C batch."""
-    s_logits_1CV = F.linear(s_hidden_CH, s_head_VH).unsqueeze(0)
+    s_logits_1CV = linear(s_hidden_CH, s_head_VH).unsqueeze(0)
     with torch.no_grad():
-        t_logits_1CV = F.linear(t_hidden_CH, t_head_VH).unsqueeze(0)
+        t_logits_1CV = linear(t_hidden_CH, t_head_VH).unsqueeze(0)
     mask_1C = torch.ones(s_logits_1CV.shape[:2], dtype=torch.bool, device=s_logits_1CV.device)
     return loss_fn(s_logits_1CV, t_logits_1CV, mask_1C, reduction="sum", **loss_kwargs)
 
@@ -224,7 +224,7 @@ def _head_token_logprobs(
     tensor costs more on CPU (page faults) than the arithmetic done on it, and
     `torch.logsumexp` or `log_softmax` would allocate one or two more.
     """
-    logits_CV = upcast(F.linear(hidden_CH, head_VH))
+    logits_CV = upcast(linear(hidden_CH, head_VH))
     if temperature != 1.0:
         logits_CV.div_(temperature)
     picked_C = logits_CV.gather(-1, ids_C.unsqueeze(-1)).squeeze(-1)
@@ -349,7 +349,7 @@ def iter_logit_chunks(
     s_hidden_NH = _select_valid(student_hidden_NH, mask_N)
     t_hidden_NH = _select_valid(teacher_hidden_NH, mask_N)
     for start in range(0, s_hidden_NH.shape[0], chunk_size):
-        s_logits_1CV = F.linear(s_hidden_NH[start : start + chunk_size], student_head_VH)[None]
-        t_logits_1CV = F.linear(t_hidden_NH[start : start + chunk_size], teacher_head_VH)[None]
+        s_logits_1CV = linear(s_hidden_NH[start : start + chunk_size], student_head_VH)[None]
+        t_logits_1CV = linear(t_hidden_NH[start : start + chunk_size], teacher_head_VH)[None]
         mask_1C = torch.ones(s_logits_1CV.shape[:2], dtype=torch.bool, device=s_logits_1CV.device)
         yield s_logits_1CV, t_logits_1CV, mask_1C

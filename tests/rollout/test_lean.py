@@ -1,0 +1,85 @@
+"""The lean decode step computes what the model's own forward computes."""
+
+import pytest
+import torch
+from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig,
+                          MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+
+from uniopd.rollout.hf import generate_batch
+from uniopd.rollout.lean import unsupported_reason
+
+DIMS = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0, eos_token_id=1, bos_token_id=2)
+
+FAMILIES = {
+    "llama": lambda: LlamaForCausalLM(LlamaConfig(**DIMS, attention_bias=True, rope_theta=500.0)),
+    "mistral": lambda: MistralForCausalLM(MistralConfig(**DIMS, sliding_window=None)),
+    "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**DIMS, tie_word_embeddings=True)),  # q/k/v biases
+    "qwen3": lambda: Qwen3ForCausalLM(Qwen3Config(**DIMS, head_dim=24)),  # per-head q/k norms, head_dim != H/heads
+}
+
+PROMPTS = [[2, 5, 9, 14, 30, 31, 7], [2, 44], [2, 60, 61, 62]]  # different lengths: rows are left-padded
+
+
+def _model(family: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = FAMILIES[family]().eval()
+    with torch.no_grad():  # spread the random norms so every term of the step matters
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(0.3 * torch.randn_like(p))
+    return model
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_lean_decode_matches_a_full_forward_of_the_sampled_sequence(family):
+    model = _model(family)
+    assert unsupported_reason(model) is None
+    samples = generate_batch(model, PROMPTS, eos_ids={1}, pad_id=0, max_new_tokens=12, min_new_tokens=12,
+                             temperature=0.8, generator=torch.Generator().manual_seed(3))
+    for prompt, s in zip(PROMPTS, samples):
+        ids = torch.tensor([prompt + s.response_ids])
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0, len(prompt) - 1: -1] / 0.8
+        logits[:, 1] = float("-inf")  # EOS is blocked until min_new_tokens: sampled from the rest
+        want = torch.log_softmax(logits, -1).gather(-1, torch.tensor(s.response_ids)[:, None]).squeeze(-1)
+        assert len(s.response_ids) == 12
+        torch.testing.assert_close(torch.tensor(s.logprobs), want, atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_lean_and_hf_decode_draw_the_same_tokens(family):
+    model = _model(family)
+    runs = {d: generate_batch(model, PROMPTS, eos_ids={1}, pad_id=0, max_new_tokens=10, top_p=0.9,
+                              generator=torch.Generator().manual_seed(11), decode=d) for d in ("auto", "hf")}
+    assert [s.response_ids for s in runs["auto"]] == [s.response_ids for s in runs["hf"]]
+    for a, b in zip(runs["auto"], runs["hf"]):
+        torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=2e-5, rtol=0)
+        assert a.finished == b.finished
+
+
+def test_other_architectures_decode_through_their_own_forward():
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=97, n_embd=32, n_layer=1, n_head=2, n_positions=64)).eval()
+    assert "gpt2" in unsupported_reason(gpt2)
+    windowed = MistralForCausalLM(MistralConfig(**DIMS, sliding_window=16))
+    assert unsupported_reason(windowed) == "sliding-window attention"
+    gelu = LlamaForCausalLM(LlamaConfig(**DIMS, hidden_act="gelu"))
+    assert "gelu" in unsupported_reason(gelu)
+    out = generate_batch(gpt2, PROMPTS, eos_ids={1}, pad_id=0, max_new_tokens=4, min_new_tokens=4,
+                         generator=torch.Generator().manual_seed(0))
+    assert [len(s.response_ids) for s in out] == [4, 4, 4]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_lean_decode_in_bfloat16_draws_the_model_forwards_tokens(family):
+    model = _model(family).to(torch.bfloat16)
+    runs = {d: generate_batch(model, PROMPTS, eos_ids={1}, pad_id=0, max_new_tokens=10, min_new_tokens=10,
+                              generator=torch.Generator().manual_seed(11), decode=d) for d in ("auto", "hf")}
+    assert [s.response_ids for s in runs["auto"]] == [s.response_ids for s in runs["hf"]]
+    for prompt, s in zip(PROMPTS, runs["auto"]):
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([prompt + s.response_ids])).logits[0, len(prompt) - 1: -1].float()
+        logits[:, 1] = float("-inf")
+        want = torch.log_softmax(logits, -1).gather(-1, torch.tensor(s.response_ids)[:, None]).squeeze(-1)
+        # bf16 keeps ~3 significant digits; a cached decode and a full forward round differently.
+        torch.testing.assert_close(torch.tensor(s.logprobs), want, atol=1e-2, rtol=0)
