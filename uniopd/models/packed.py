@@ -37,7 +37,8 @@ _FROZEN: dict[tuple, tuple[weakref.ref, int, torch.Tensor]] = {}
 
 
 def can_pack(w: torch.Tensor) -> bool:
-    return (w.device.type == "cpu" and w.dtype == torch.float32 and w.dim() == 2
+    # Plain tensors only: a sharded (DTensor) or otherwise wrapped weight keeps F.linear.
+    return (type(w.data) is torch.Tensor and w.device.type == "cpu" and w.dtype == torch.float32 and w.dim() == 2
             and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
             and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
