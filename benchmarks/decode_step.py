@@ -36,6 +36,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     from transformers import AutoModelForCausalLM, DynamicCache
 
+    from uniopd.models.packed import thin_linear
     from uniopd.rollout.lean import LeanDecoder
 
     student, _ = build_models(args)
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> dict:
             else:
                 out = model.model(input_ids=toks_BT[:, t:t + 1], position_ids=pos_B[:, None],
                                   past_key_values=cache, use_cache=True)
-                (head_VH @ out.last_hidden_state[:, -1].T).T.contiguous()
+                thin_linear(out.last_hidden_state[:, -1], head_VH).contiguous()
         return (time.perf_counter() - t0) / T * 1e3
 
     weights = [m.weight for m in model.model.layers.modules() if isinstance(m, torch.nn.Linear)]

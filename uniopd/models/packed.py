@@ -75,6 +75,17 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, *,
     return torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], "")
 
 
+def thin_linear(h_BK: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, *,
+                packed: torch.Tensor | None = None) -> torch.Tensor:
+    """x W^T + b for a few rows (a decode step): on `packed` when given, else as (W @ h^T)^T,
+    since F.linear with few rows spent more time repacking W than multiplying (MKL, B = 8,
+    V = 49k: 33 vs 21 ms a token)."""
+    if packed is not None:
+        return linear(h_BK, w, b, packed=packed)
+    y_BN = (w @ h_BK.T).T
+    return y_BN if b is None else y_BN + b
+
+
 @contextlib.contextmanager
 def packed_linears(model: nn.Module) -> Iterator[int]:
     """Inside the block, every plain nn.Linear of `model` whose weight is frozen runs on its

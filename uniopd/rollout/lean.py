@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from uniopd.models.packed import can_pack, linear, pack
+from uniopd.models.packed import can_pack, pack, thin_linear
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 PACK_MIN_STEPS = 8  # packing costs about as much as two decode steps: not worth it for a few tokens
@@ -38,16 +38,6 @@ def _rms(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
     # As the HF RMSNorms of these families: statistics in fp32, weight applied in the input dtype.
     xf = x.float()
     return norm.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)).to(x.dtype)
-
-
-
-def _linear(h_BK: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-            packed: torch.Tensor | None) -> torch.Tensor:
-    if packed is not None:
-        return linear(h_BK, weight, bias, packed=packed)
-    # MKL with few rows: W @ h^T beat F.linear, which repacked W every call (33 vs 21 ms at V = 49k).
-    y_BN = (weight @ h_BK.T).T
-    return y_BN if bias is None else y_BN + bias
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -117,11 +107,11 @@ class LeanDecoder:
             self.packed = {id(w): pack(w, B) for w in weights}
 
     def _proj(self, h_BK: torch.Tensor, lin: nn.Linear) -> torch.Tensor:
-        return _linear(h_BK, lin.weight, lin.bias, self.packed.get(id(lin.weight)))
+        return thin_linear(h_BK, lin.weight, lin.bias, packed=self.packed.get(id(lin.weight)))
 
     def head(self, hidden_BH: torch.Tensor) -> torch.Tensor:
         """Logits [B, V] of the output head given at construction."""
-        return _linear(hidden_BH, self.head_VH, None, self.packed.get(id(self.head_VH))).contiguous()
+        return thin_linear(hidden_BH, self.head_VH, packed=self.packed.get(id(self.head_VH))).contiguous()
 
     def step(self, tok_B: torch.Tensor, pos_B: torch.Tensor) -> torch.Tensor:
         """The final-norm hidden state [B, H] after feeding tok_B at positions pos_B."""
