@@ -11,10 +11,9 @@ temperature, so the PPO ratio starts at exactly 1.
 Per decode step (what the CPU profile of issue 7 led to): the body runs through
 `uniopd.rollout.lean` for Llama/Mistral/Qwen2/Qwen3 text models (the model's own base
 forward otherwise) and the output head as a `thin_linear` (on oneDNN-packed weights in the
-lean path on CPU, W @ h^T otherwise); tokens are drawn by
-inverse CDF with one uniform per row from the caller's generator (reproducible, but a
-different random stream from torch.multinomial's); the attention mask is preallocated, or
-left out when no row is padded.
+lean path on CPU, W @ h^T otherwise); tokens are drawn by inverse CDF with one uniform per
+row from the caller's generator (reproducible, but a different random stream from
+torch.multinomial's); the attention mask is preallocated, or left out when no row is padded.
 """
 
 from __future__ import annotations
