@@ -56,6 +56,11 @@ def rss_peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
 
+def minor_faults() -> int:
+    """Minor page faults of this process so far: each is a 4 KB page zeroed on first touch."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def rss_now_mb() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
@@ -114,7 +119,7 @@ def worker_uniopd(args) -> None:
         f"trainer.threads={args.threads}", "trainer.device=cpu", f"trainer.output_dir={run_dir}",
         "trainer.save_every=0", f"trainer.steps={args.warmup + args.steps}", "model.dtype=float32",
         "teachers.teacher.dtype=float32", "logging.diagnostics=false", "logging.progress=false",
-        "logging.tensorboard=false",
+        "logging.tensorboard=false", f"trainer.reuse_cpu_memory={args.uniopd_reuse_cpu_memory == 'on'}",
     ]
     if args.uniopd_rollout_threads:
         overrides.append(f"rollout.threads={args.uniopd_rollout_threads}")
@@ -131,14 +136,15 @@ def worker_uniopd(args) -> None:
         if cmd == "profile":
             ch.send(profile_uniopd(trainer, Path(args.workdir)))
             continue
-        t = time.perf_counter()
+        t, faults = time.perf_counter(), minor_faults()
         metrics, samples = trainer.step()
         logger.log(trainer.step_idx, metrics, samples)
         wall = time.perf_counter() - t
         ch.send({"wall": wall, "rollout": metrics["time/rollout"], "verify": metrics["time/verify"],
                  "teacher": metrics["time/teacher"], "update": metrics["time/update"],
                  "tokens": float(metrics["update/tokens"]), "resp_len": metrics["resp_len"],
-                 "loss": metrics.get("loss"), "threads": torch.get_num_threads(), "rss_peak_mb": rss_peak_mb()})
+                 "loss": metrics.get("loss"), "threads": torch.get_num_threads(), "rss_peak_mb": rss_peak_mb(),
+                 "minor_faults": minor_faults() - faults})
     logger.close()
     ch.send({"done": True, "rss_peak_mb": rss_peak_mb()})
 
@@ -220,6 +226,10 @@ def worker_trl(args) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
+    if args.trl_reuse_cpu_memory:  # uniopd's allocator setting, given to TRL for a like-for-like run
+        from uniopd.utils import reuse_freed_cpu_memory
+
+        reuse_freed_cpu_memory()
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl.experimental.gkd import GKDConfig, GKDTrainer
@@ -254,7 +264,7 @@ def worker_trl(args) -> None:
             if cmd != "step":
                 control.should_training_stop = True
             self.acc = {k: 0.0 for k in self.acc}
-            self.t0 = time.perf_counter()
+            self.t0, self.faults = time.perf_counter(), minor_faults()
             return control
 
         def on_train_begin(self, a, state, control, **kw):
@@ -264,7 +274,8 @@ def worker_trl(args) -> None:
             wall = time.perf_counter() - self.t0
             ch.send({"wall": wall, "generate": self.acc["generate"], "teacher": self.acc["teacher"],
                      "update": wall - self.acc["generate"] - self.acc["teacher"], "tokens": self.acc["tokens"],
-                     "threads": torch.get_num_threads(), "rss_peak_mb": rss_peak_mb()})
+                     "threads": torch.get_num_threads(), "rss_peak_mb": rss_peak_mb(),
+                     "minor_faults": minor_faults() - self.faults})
             if state.global_step >= total:
                 return control
             return self._wait(control)
@@ -357,6 +368,10 @@ def main(argv: list[str] | None = None) -> dict:
                    help="uniopd loss.kind (full = full-vocabulary reverse KL, the loss GKD beta=1 computes)")
     p.add_argument("--uniopd-rollout-threads", type=int, default=0,
                    help="uniopd rollout.threads (0: same as --threads, as TRL's generate)")
+    p.add_argument("--uniopd-reuse-cpu-memory", default="on", choices=("on", "off"),
+                   help="uniopd's trainer.reuse_cpu_memory (on by default in uniopd)")
+    p.add_argument("--trl-reuse-cpu-memory", action="store_true",
+                   help="give TRL's process the same allocator setting (uniopd.utils.reuse_freed_cpu_memory)")
     p.add_argument("--skip-trl", action="store_true", help="run uniopd only")
     p.add_argument("--profile", action="store_true", help="also profile one uniopd step (torch.profiler)")
     p.add_argument("--workdir", help="run files (prompts, metrics.jsonl, logs, profile); default: a temp dir")
@@ -390,7 +405,10 @@ def main(argv: list[str] | None = None) -> dict:
               "--prompt-file", str(prompt_file), "--workdir", str(workdir), "--steps", str(args.steps),
               "--warmup", str(args.warmup), "--prompts", str(args.prompts), "--new-tokens", str(args.new_tokens),
               "--threads", str(args.threads), "--lr", str(args.lr), "--uniopd-loss", args.uniopd_loss,
-              "--uniopd-rollout-threads", str(args.uniopd_rollout_threads)]
+              "--uniopd-rollout-threads", str(args.uniopd_rollout_threads),
+              "--uniopd-reuse-cpu-memory", args.uniopd_reuse_cpu_memory]
+    if args.trl_reuse_cpu_memory:
+        common.append("--trl-reuse-cpu-memory")
     names = ["uniopd"] + ([] if args.skip_trl else ["trl"])
     load_start = os.getloadavg()
     workers = {n: Worker(n, common + ["--worker", n], env, workdir / f"{n}.log") for n in names}
@@ -432,6 +450,8 @@ def main(argv: list[str] | None = None) -> dict:
                    "steps": args.steps, "warmup": args.warmup, "dtype": "float32", "rollouts_per_prompt": 1,
                    "uniopd_loss": args.uniopd_loss,
                    "uniopd_rollout_threads": args.uniopd_rollout_threads or args.threads,
+                   "uniopd_reuse_cpu_memory": args.uniopd_reuse_cpu_memory == "on",
+                   "trl_reuse_cpu_memory": args.trl_reuse_cpu_memory,
                    "student_params": ds["params"], "teacher_params": dt["params"],
                    "vocab": json.loads((Path(student) / "config.json").read_text())["vocab_size"]},
         "peak_matmul_gflops": peak / 1e9,
@@ -439,21 +459,23 @@ def main(argv: list[str] | None = None) -> dict:
         "workdir": str(workdir),
     }
     u = measured["uniopd"]
-    us = summarise(u, ["wall", "rollout", "teacher", "update", "verify", "tokens"])
+    us = summarise(u, ["wall", "rollout", "teacher", "update", "verify", "tokens", "minor_faults"])
     res["uniopd_s_per_step"] = us["wall"]
     res["uniopd_tokens_per_s"] = us["tokens"] / us["wall"]
     res["uniopd_phase_s"] = {k: us[k] for k in ("rollout", "teacher", "update", "verify")}
     res["uniopd_phase_gflops"] = {k: flops_u[k] / us[k] / 1e9 for k in flops_u}
     res["uniopd_phase_frac_of_peak"] = {k: flops_u[k] / us[k] / peak for k in flops_u}
     res["uniopd_peak_rss_mb"] = u[-1]["rss_peak_mb"]
+    res["uniopd_minor_faults_per_step"] = us["minor_faults"]
     res["uniopd_rss_after_load_mb"] = ready["uniopd"]["rss_mb"]
     res["threads_seen"] = {n: sorted({s["threads"] for s in st}) for n, st in measured.items()}
     res["uniopd_steps_s"] = [round(s["wall"], 3) for s in u]
     res["uniopd_steps_rollout_s"] = [round(s["rollout"], 3) for s in u]
+    res["uniopd_steps_rss_peak_mb"] = [round(s["rss_peak_mb"]) for s in u]  # growth would show here
     res["uniopd_metrics"] = ready["uniopd"]["metrics"]
     if "trl" in measured:
         t = measured["trl"]
-        ts = summarise(t, ["wall", "generate", "teacher", "update", "tokens"])
+        ts = summarise(t, ["wall", "generate", "teacher", "update", "tokens", "minor_faults"])
         res["trl_version"] = ready["trl"]["trl_version"]
         res["trl_s_per_step"] = ts["wall"]
         res["trl_tokens_per_s"] = ts["tokens"] / ts["wall"]
@@ -462,6 +484,7 @@ def main(argv: list[str] | None = None) -> dict:
         res["trl_phase_gflops"] = {k: flops_t[k] / ts[k] / 1e9 for k in flops_t}
         res["trl_phase_frac_of_peak"] = {k: flops_t[k] / ts[k] / peak for k in flops_t}
         res["trl_peak_rss_mb"] = t[-1]["rss_peak_mb"]
+        res["trl_minor_faults_per_step"] = ts["minor_faults"]
         res["trl_rss_after_load_mb"] = ready["trl"]["rss_mb"]
         res["trl_steps_s"] = [round(s["wall"], 3) for s in t]
         res["trl_steps_generate_s"] = [round(s["generate"], 3) for s in t]
@@ -503,6 +526,9 @@ def print_table(res: dict, flops_u: dict, flops_t: dict) -> None:
           f" tokens), {c['threads']} threads, fp32; student {c['student_params'] / 1e6:.1f}M, teacher "
           f"{c['teacher_params'] / 1e6:.1f}M, vocab {c['vocab']}; medians of {c['steps']} steps; "
           f"fp32 matmul peak {res['peak_matmul_gflops']:.1f} GFLOP/s")
+    on_off = {True: "on", False: "off"}
+    print(f"freed CPU memory reused (trainer.reuse_cpu_memory): uniopd {on_off[c['uniopd_reuse_cpu_memory']]}, "
+          f"TRL {on_off[c['trl_reuse_cpu_memory']]} (--trl-reuse-cpu-memory)")
     has_trl = res.get("trl_tokens_per_s") is not None
     print(f"{'':22s} {'uniopd':>10s}" + (f" {'TRL GKD':>10s} {'TRL/uniopd':>10s}" if has_trl else ""))
 
@@ -518,6 +544,7 @@ def print_table(res: dict, flops_u: dict, flops_t: dict) -> None:
     row("teacher s", up["teacher"], tp.get("teacher"))
     row("update s (+verify)", up["update"] + up["verify"], tp.get("update"))
     row("peak RSS MB", res["uniopd_peak_rss_mb"], res.get("trl_peak_rss_mb"), "{:10.0f}")
+    row("page faults / step", res["uniopd_minor_faults_per_step"], res.get("trl_minor_faults_per_step"), "{:10.0f}")
     for k, tk in (("rollout", "generate"), ("teacher", "teacher"), ("update", "update")):
         ug = res["uniopd_phase_gflops"][k]
         s = f"{k + ' GFLOP/s (%peak)':22s} {ug:6.1f} ({100 * ug * 1e9 / (res['peak_matmul_gflops'] * 1e9):3.0f}%)"

@@ -172,3 +172,15 @@ def test_out_of_memory_in_a_micro_batch_names_the_sizes(tiny_student_dir, tiny_t
     monkeypatch.setattr(update_mod, "response_logprobs", oom)
     with pytest.raises(update_mod.MicroBatchOOM, match=r"micro-batch of 3 sequences \(longest \d+ tokens"):
         trainer.step()
+
+
+@pytest.mark.parametrize("setting, calls", [("true", 1), ("false", 0)])
+def test_a_cpu_trainer_keeps_freed_memory_unless_told_not_to(setting, calls, tiny_student_dir, tiny_teacher_dir,
+                                                            arithmetic_file, tmp_path, monkeypatch):
+    import uniopd.trainer as trainer_mod
+
+    seen = []
+    monkeypatch.setattr(trainer_mod, "reuse_freed_cpu_memory", lambda: seen.append(1) or True)
+    Trainer(tiny_run_config(tiny_student_dir, tiny_teacher_dir, arithmetic_file, tmp_path,
+                            **{"trainer.device": "cpu", "trainer.reuse_cpu_memory": setting}))
+    assert len(seen) == calls

@@ -211,6 +211,8 @@ class TrainerConfig:
     seed: int = _f(0, "seed of data order, sampling and initialisation")
     threads: int | None = _f(None, "torch CPU threads (default: torch's choice)")
     device: str = _f("auto", "auto | cpu | cuda")
+    reuse_cpu_memory: bool = _f(True, "on CPU (glibc), keep freed memory in the process so each step's large "
+                                      "tensors skip page faults; RSS settles at or a little above its peak")
     output_dir: str = _f("runs/latest", "run directory: config, metrics, checkpoints")
     save_every: int = _f(50, "checkpoint every K steps (0 = only at the end)")
     keep_checkpoints: int = _f(2, "checkpoints kept on disk (oldest removed)")

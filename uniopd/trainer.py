@@ -32,7 +32,7 @@ from uniopd.teachers.local import LocalTeacher
 from uniopd.teachers.router import Router
 from uniopd.teachers.views import check_views
 from uniopd.update import policy_update
-from uniopd.utils import rng_state, resolve_device, seed_everything, set_rng_state
+from uniopd.utils import reuse_freed_cpu_memory, rng_state, resolve_device, seed_everything, set_rng_state
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,8 @@ class Trainer:
             torch.set_num_threads(cfg.trainer.threads)
         seed_everything(cfg.trainer.seed)
         self.device = resolve_device(cfg.trainer.device)
+        if self.device.type == "cpu" and cfg.trainer.reuse_cpu_memory:
+            reuse_freed_cpu_memory()
         self.run_dir = Path(cfg.trainer.output_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
 

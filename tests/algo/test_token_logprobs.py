@@ -89,3 +89,25 @@ def test_no_grad_path_matches():
     with torch.inference_mode():
         ours = chunked_token_logprobs(hidden, head, ids, chunk_size=5)
     torch.testing.assert_close(ours, _ref_logp(hidden, head, ids, 1.0).detach())
+
+
+@pytest.mark.parametrize("keep_bytes", [0, None])
+def test_a_trainable_cpu_head_is_packed_once_per_call_and_gives_the_same_values(keep_bytes, monkeypatch):
+    import uniopd.algo.losses.chunked as chunked
+    from uniopd.models.packed import can_pack
+
+    g = torch.Generator().manual_seed(1)
+    n = chunked.PACK_HEAD_MIN_ROWS + 32  # three chunks of 64: one pack serves them all
+    hidden = torch.randn(n, 16, generator=g).requires_grad_()
+    head = torch.randn(300, 16, generator=g).requires_grad_()
+    ids = torch.randint(0, 300, (n,), generator=g)
+    w = torch.randn(n, generator=g)
+    packs, real_pack = [], chunked.pack
+    monkeypatch.setattr(chunked, "pack", lambda t: packs.append(t) or real_pack(t))
+    ours = chunked_token_logprobs(hidden, head, ids, chunk_size=64, keep_bytes=keep_bytes)
+    grads = torch.autograd.grad((ours * w).sum(), (hidden, head))
+    assert len(packs) == (1 if can_pack(head) else 0)
+    ref = _ref_logp(hidden, head, ids, 1.0)
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-5)
+    for got, want in zip(grads, torch.autograd.grad((ref * w).sum(), (hidden, head))):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
