@@ -94,10 +94,14 @@ def llama_dims(model_dir: Path) -> dict[str, int]:
     return {"body": body, "head": head, "params": params, "layers": L, "attn_dim": nh * hd}
 
 
-def forward_flops(d: dict[str, int], rows: int, seq: int, head_positions: int) -> float:
-    """One forward over `rows` sequences of `seq` tokens, lm_head on `head_positions` per row."""
-    attn = 4 * d["layers"] * d["attn_dim"] * seq * (seq + 1) / 2  # QK^T and AV, causal
-    return rows * (2 * d["body"] * seq + attn + 2 * d["head"] * head_positions)
+def forward_flops(d: dict[str, int], rows: int, seq: int, head_positions: int, prefix: int = 0) -> float:
+    """One forward over `rows` sequences of `seq` tokens, lm_head on `head_positions` per row;
+    the first `prefix` positions, shared by all rows, computed once."""
+    def attn(n: int) -> float:  # QK^T and AV over the first n positions, causal
+        return 4 * d["layers"] * d["attn_dim"] * n * (n + 1) / 2
+
+    shared = 2 * d["body"] * prefix + attn(prefix)
+    return shared + rows * (2 * d["body"] * (seq - prefix) + attn(seq) - attn(prefix) + 2 * d["head"] * head_positions)
 
 
 def decode_flops(d: dict[str, int], rows: int, prompt: int, new: int) -> float:

@@ -120,6 +120,8 @@ def worker_uniopd(args) -> None:
         "trainer.save_every=0", f"trainer.steps={args.warmup + args.steps}", "model.dtype=float32",
         "teachers.teacher.dtype=float32", "logging.diagnostics=false", "logging.progress=false",
         "logging.tensorboard=false", f"trainer.reuse_cpu_memory={args.uniopd_reuse_cpu_memory == 'on'}",
+        f"model.share_prompt_prefix={args.uniopd_share_prefix == 'on'}",
+        f"teachers.teacher.share_prompt_prefix={args.uniopd_share_prefix == 'on'}",
     ]
     if args.uniopd_rollout_threads:
         overrides.append(f"rollout.threads={args.uniopd_rollout_threads}")
@@ -127,7 +129,10 @@ def worker_uniopd(args) -> None:
     trainer = Trainer(cfg)
     logger = MetricsLogger(run_dir, cfg.logging, cfg.trainer.steps)
     prompt_lens = sorted({len(p) for p in trainer.prompt_ids})
-    ch.send({"ready": True, "threads": torch.get_num_threads(), "prompt_lens": prompt_lens,
+    # What every micro-batch shares at least (the prompts' common header), for the FLOP model.
+    from uniopd.models.forward import shared_prefix_len
+    shared = shared_prefix_len(trainer.prompt_ids) if cfg.model.share_prompt_prefix else 0
+    ch.send({"ready": True, "threads": torch.get_num_threads(), "prompt_lens": prompt_lens, "shared_prefix": shared,
              "rss_mb": rss_now_mb(), "metrics": str(logger.metrics_path)})
     while True:
         cmd = ch.recv()
@@ -370,6 +375,8 @@ def main(argv: list[str] | None = None) -> dict:
                    help="uniopd rollout.threads (0: same as --threads, as TRL's generate)")
     p.add_argument("--uniopd-reuse-cpu-memory", default="on", choices=("on", "off"),
                    help="uniopd's trainer.reuse_cpu_memory (on by default in uniopd)")
+    p.add_argument("--uniopd-share-prefix", default="on", choices=("on", "off"),
+                   help="uniopd's model/teacher share_prompt_prefix (on by default in uniopd)")
     p.add_argument("--trl-reuse-cpu-memory", action="store_true",
                    help="give TRL's process the same allocator setting (uniopd.utils.reuse_freed_cpu_memory)")
     p.add_argument("--skip-trl", action="store_true", help="run uniopd only")
@@ -406,7 +413,7 @@ def main(argv: list[str] | None = None) -> dict:
               "--warmup", str(args.warmup), "--prompts", str(args.prompts), "--new-tokens", str(args.new_tokens),
               "--threads", str(args.threads), "--lr", str(args.lr), "--uniopd-loss", args.uniopd_loss,
               "--uniopd-rollout-threads", str(args.uniopd_rollout_threads),
-              "--uniopd-reuse-cpu-memory", args.uniopd_reuse_cpu_memory]
+              "--uniopd-reuse-cpu-memory", args.uniopd_reuse_cpu_memory, "--uniopd-share-prefix", args.uniopd_share_prefix]
     if args.trl_reuse_cpu_memory:
         common.append("--trl-reuse-cpu-memory")
     names = ["uniopd"] + ([] if args.skip_trl else ["trl"])
@@ -439,8 +446,9 @@ def main(argv: list[str] | None = None) -> dict:
     B, T = args.prompts, args.new_tokens
     ds, dt = llama_dims(student), llama_dims(teacher)
     S = P + T
-    flops_u = {"rollout": decode_flops(ds, B, int(P), T), "teacher": forward_flops(dt, B, int(S), T),
-               "update": 3 * forward_flops(ds, B, int(S), T)}
+    C = ready["uniopd"]["shared_prefix"]  # positions uniopd runs once per micro-batch, not per row
+    flops_u = {"rollout": decode_flops(ds, B, int(P), T), "teacher": forward_flops(dt, B, int(S), T, prefix=C),
+               "update": 3 * forward_flops(ds, B, int(S), T, prefix=C)}
     # TRL: lm_head (and log-softmax) over every position of both models, not just the response.
     flops_t = {"generate": decode_flops(ds, B, int(P), T), "teacher": forward_flops(dt, B, int(S), int(S)),
                "update": 3 * forward_flops(ds, B, int(S), int(S))}
@@ -451,6 +459,7 @@ def main(argv: list[str] | None = None) -> dict:
                    "uniopd_loss": args.uniopd_loss,
                    "uniopd_rollout_threads": args.uniopd_rollout_threads or args.threads,
                    "uniopd_reuse_cpu_memory": args.uniopd_reuse_cpu_memory == "on",
+                   "uniopd_shared_prefix_tokens": C,
                    "trl_reuse_cpu_memory": args.trl_reuse_cpu_memory,
                    "student_params": ds["params"], "teacher_params": dt["params"],
                    "vocab": json.loads((Path(student) / "config.json").read_text())["vocab_size"]},
@@ -511,8 +520,9 @@ def main(argv: list[str] | None = None) -> dict:
 BELOW_HALF_WHY = {
     "rollout": "each decode step multiplies only rows-in-flight (prompts x n) by every weight matrix, so "
                "it is bound by reading the weights, not by FLOPs: even on oneDNN-packed weights the GEMMs read "
-               "them at about half the speed of a plain read (benchmarks/decode_step.py). More rows per step "
-               "(rollout.n, batch_size) raise it.",
+               "them at about half the speed of a plain read (benchmarks/decode_step.py), and every read "
+               "evicts the caches, so the small ops between GEMMs (norms, RoPE, attention, sampling) run "
+               "cold, about a third of the step. More rows per step (rollout.n, batch_size) raise it.",
     "teacher": "one forward over the padded batch; short sequences make thin GEMMs and the 49k-row "
                "output layer's log-softmax is memory-bound.",
     "update": "forward + backward at micro_batch_size rows; the output layer's softmax and its backward "
@@ -528,7 +538,8 @@ def print_table(res: dict, flops_u: dict, flops_t: dict) -> None:
           f"fp32 matmul peak {res['peak_matmul_gflops']:.1f} GFLOP/s")
     on_off = {True: "on", False: "off"}
     print(f"freed CPU memory reused (trainer.reuse_cpu_memory): uniopd {on_off[c['uniopd_reuse_cpu_memory']]}, "
-          f"TRL {on_off[c['trl_reuse_cpu_memory']]} (--trl-reuse-cpu-memory)")
+          f"TRL {on_off[c['trl_reuse_cpu_memory']]} (--trl-reuse-cpu-memory); uniopd runs the prompts' shared "
+          f"{c['uniopd_shared_prefix_tokens']}-token prefix once per micro-batch (--uniopd-share-prefix)")
     has_trl = res.get("trl_tokens_per_s") is not None
     print(f"{'':22s} {'uniopd':>10s}" + (f" {'TRL GKD':>10s} {'TRL/uniopd':>10s}" if has_trl else ""))
 

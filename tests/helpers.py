@@ -6,7 +6,8 @@ import json
 from pathlib import Path
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
+                          Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
 from uniopd.demo.tokenizer import char_tokenizer
 
@@ -24,6 +25,30 @@ def make_tiny_model(path: Path, *, layers: int = 2, hidden: int = 32, seed: int 
     LlamaForCausalLM(cfg).save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+# In-memory models of the four Llama-style families the lean decode step and prefix sharing support.
+DIMS = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0, eos_token_id=1, bos_token_id=2)
+
+FAMILIES = {
+    "llama": lambda: LlamaForCausalLM(LlamaConfig(**DIMS, attention_bias=True, rope_theta=500.0)),
+    "mistral": lambda: MistralForCausalLM(MistralConfig(**DIMS, sliding_window=None)),
+    "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**DIMS, tie_word_embeddings=True)),  # q/k/v biases
+    "qwen3": lambda: Qwen3ForCausalLM(Qwen3Config(**DIMS, head_dim=24)),  # per-head q/k norms, head_dim != H/heads
+}
+
+
+def family_model(family: str) -> torch.nn.Module:
+    """A random model of `family` in eval mode, its norms and biases spread away from 1 and 0
+    so every term of a forward matters."""
+    torch.manual_seed(0)
+    model = FAMILIES[family]().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(0.3 * torch.randn_like(p))
+    return model
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:

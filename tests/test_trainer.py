@@ -184,3 +184,32 @@ def test_a_cpu_trainer_keeps_freed_memory_unless_told_not_to(setting, calls, tin
     Trainer(tiny_run_config(tiny_student_dir, tiny_teacher_dir, arithmetic_file, tmp_path,
                             **{"trainer.device": "cpu", "trainer.reuse_cpu_memory": setting}))
     assert len(seen) == calls
+
+
+def test_sharing_the_prompt_prefix_runs_it_once_and_changes_nothing_else(tiny_student_dir, tiny_teacher_dir,
+                                                                         tmp_path, monkeypatch):
+    import uniopd.models.forward as forward_mod
+
+    shared = []
+    real = forward_mod._hidden_with_shared_prefix
+    monkeypatch.setattr(forward_mod, "_hidden_with_shared_prefix",
+                        lambda model, layout, C: shared.append(C) or real(model, layout, C))
+    header = "Add the two numbers and answer with the sum only: "
+    data = write_jsonl(tmp_path / "train.jsonl", [
+        {"id": f"p{i}", "domain": "arithmetic", "prompt": f"{header}{i}+{i + 1}=", "answer": str(2 * i + 1),
+         "verifier": "exact"} for i in range(8)])
+    runs = {}
+    for setting in ("true", "false"):
+        shared.clear()
+        torch.manual_seed(0)
+        trainer = Trainer(tiny_run_config(tiny_student_dir, tiny_teacher_dir, data, tmp_path / setting,
+                                          **{"model.share_prompt_prefix": setting,
+                                             "teachers.t.share_prompt_prefix": setting}))
+        metrics, _ = trainer.step()
+        runs[setting] = (metrics, list(shared), trainer.student.model.state_dict())
+    # 4 prompts x 2 rollouts in micro-batches of 4: two for the teacher, two for the update, each sharing the header.
+    assert runs["false"][1] == [] and len(runs["true"][1]) == 4 and min(runs["true"][1]) >= len(header)
+    for key in ("teacher_kl", "loss", "grad_norm"):
+        assert runs["true"][0][key] == pytest.approx(runs["false"][0][key], rel=1e-4, abs=1e-6), key
+    for name, w in runs["false"][2].items():
+        torch.testing.assert_close(runs["true"][2][name], w, atol=1e-6, rtol=1e-4, msg=name)

@@ -207,7 +207,8 @@ class Trainer:
                                trainer_cfg=self.cfg.trainer, prompt_ids=prompt_ids,
                                temperature=self.cfg.rollout.temperature, teacher_heads=heads,
                                diagnostics=self.cfg.logging.diagnostics,
-                               multimodal=self.vision_inputs(batch.records), suppress_ids=self.suppress_ids or None)
+                               multimodal=self.vision_inputs(batch.records), suppress_ids=self.suppress_ids or None,
+                               share_prefix=self.cfg.model.share_prompt_prefix)
         if result.skipped_steps < self.cfg.trainer.mini_batches:
             self.scheduler.step()  # a step whose updates were all skipped does not advance the schedule
         if result.skipped_steps:

@@ -111,9 +111,10 @@ def policy_update(student: LoadedModel, batch: StepBatch, optimizer: torch.optim
                   loss_cfg: LossConfig, trainer_cfg: TrainerConfig, prompt_ids: list[list[int]],
                   temperature: float, teacher_heads: dict[str, torch.Tensor] | None = None,
                   diagnostics: bool = False, multimodal: list | None = None,
-                  suppress_ids: list[int] | None = None) -> UpdateResult:
+                  suppress_ids: list[int] | None = None, share_prefix: bool = True) -> UpdateResult:
     """multimodal: per-row vision inputs of a vision-language student (None: text);
-    suppress_ids: tokens the rollout never samples (see `uniopd.models.multimodal`)."""
+    suppress_ids: tokens the rollout never samples (see `uniopd.models.multimodal`);
+    share_prefix: run a micro-batch's common prompt prefix once (`uniopd.models.forward`)."""
     model = student.model
     device = next(model.parameters()).device
     assert batch.adv_BT is not None and batch.keep_B is not None
@@ -137,7 +138,7 @@ def policy_update(student: LoadedModel, batch: StepBatch, optimizer: torch.optim
             micro = mini[u_start: u_start + trainer_cfg.micro_batch_size]
             try:
                 layout = build_layout([prompt_ids[r] for r in micro], [batch.samples[r].response_ids for r in micro],
-                                      student.tokenizer.pad_token_id, device)
+                                      student.tokenizer.pad_token_id, device, share_prefix=share_prefix)
                 extra = None
                 if multimodal is not None:
                     from uniopd.models.multimodal import layout_inputs

@@ -2,33 +2,13 @@
 
 import pytest
 import torch
-from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig,
-                          MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+from helpers import DIMS, FAMILIES, family_model as _model
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
 from uniopd.rollout.hf import generate_batch
 from uniopd.rollout.lean import unsupported_reason
 
-DIMS = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0, eos_token_id=1, bos_token_id=2)
-
-FAMILIES = {
-    "llama": lambda: LlamaForCausalLM(LlamaConfig(**DIMS, attention_bias=True, rope_theta=500.0)),
-    "mistral": lambda: MistralForCausalLM(MistralConfig(**DIMS, sliding_window=None)),
-    "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**DIMS, tie_word_embeddings=True)),  # q/k/v biases
-    "qwen3": lambda: Qwen3ForCausalLM(Qwen3Config(**DIMS, head_dim=24)),  # per-head q/k norms, head_dim != H/heads
-}
-
 PROMPTS = [[2, 5, 9, 14, 30, 31, 7], [2, 44], [2, 60, 61, 62]]  # different lengths: rows are left-padded
-
-
-def _model(family: str) -> torch.nn.Module:
-    torch.manual_seed(0)
-    model = FAMILIES[family]().eval()
-    with torch.no_grad():  # spread the random norms so every term of the step matters
-        for name, p in model.named_parameters():
-            if "norm" in name or name.endswith("bias"):
-                p.add_(0.3 * torch.randn_like(p))
-    return model
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -83,3 +63,17 @@ def test_lean_decode_in_bfloat16_draws_the_model_forwards_tokens(family):
         want = torch.log_softmax(logits, -1).gather(-1, torch.tensor(s.response_ids)[:, None]).squeeze(-1)
         # bf16 keeps ~3 significant digits; a cached decode and a full forward round differently.
         torch.testing.assert_close(torch.tensor(s.logprobs), want, atol=1e-2, rtol=0)
+
+
+def test_a_rope_that_changes_with_the_sequence_length_is_asked_each_step():
+    # Dynamic NTK scaling rescales every frequency once a position passes max_position_embeddings
+    # (8 here), so no table built before decoding could hold it; decoding must follow the model's own steps.
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**{**DIMS, "max_position_embeddings": 8},
+                                         rope_scaling={"rope_type": "dynamic", "factor": 2.0})).eval()
+    runs = {d: generate_batch(model, PROMPTS, eos_ids={1}, pad_id=0, max_new_tokens=12, min_new_tokens=12,
+                              temperature=0.8, generator=torch.Generator().manual_seed(5), decode=d)
+            for d in ("auto", "hf")}
+    assert [s.response_ids for s in runs["auto"]] == [s.response_ids for s in runs["hf"]]
+    for a, b in zip(runs["auto"], runs["hf"]):
+        torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=2e-5, rtol=0)

@@ -123,8 +123,8 @@ def load_model(cfg: ModelConfig, key: str = "model", *, device: torch.device | s
     model.to(device)
     if trainable:
         model.train()
-        if cfg.gradient_checkpointing:
-            model.gradient_checkpointing_enable()
+        if cfg.gradient_checkpointing:  # transformers 5 renamed it; the old name warns there
+            (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
     else:
         model.eval()
         model.requires_grad_(False)

@@ -65,6 +65,15 @@ def packed_weight(w: torch.Tensor) -> torch.Tensor | None:
     return _FROZEN[key][2]
 
 
+def packed_linear(x: torch.Tensor, packed: torch.Tensor, b: torch.Tensor | None = None, *,
+                  residual: torch.Tensor | None = None) -> torch.Tensor:
+    """x W^T + b (+ residual) for an fp32 x and W packed by `pack`; the residual is added by
+    oneDNN as it writes the output (one call instead of a GEMM and an add)."""
+    if residual is None:
+        return torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], "")
+    return torch.ops.mkldnn._linear_pointwise.binary(x, residual, packed, b, "add")
+
+
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, *,
            packed: torch.Tensor | None = None) -> torch.Tensor:
     """x W^T + b, on `packed` (or W's cached frozen copy) when there is one and no gradient is needed."""
@@ -72,7 +81,7 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, *,
         packed = packed_weight(w)
     if packed is None or x.dtype != torch.float32:
         return F.linear(x, w, b)
-    return torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], "")
+    return packed_linear(x, packed, b)
 
 
 def thin_linear(h_BK: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, *,

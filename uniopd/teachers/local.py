@@ -82,7 +82,8 @@ class LocalTeacher:
             recs = records[start: start + self.micro_batch_size]
             resps = responses[start: start + self.micro_batch_size]
             prompts = [self.prompt_ids(r) for r in recs]
-            layout = build_layout(prompts, resps, self.loaded.tokenizer.pad_token_id, device)
+            layout = build_layout(prompts, resps, self.loaded.tokenizer.pad_token_id, device,
+                                  share_prefix=self.cfg.share_prompt_prefix)
             extra = None
             if self._encoder is not None:
                 from uniopd.models.multimodal import layout_inputs
