@@ -130,7 +130,7 @@ def worker_uniopd(args) -> None:
     logger = MetricsLogger(run_dir, cfg.logging, cfg.trainer.steps)
     prompt_lens = sorted({len(p) for p in trainer.prompt_ids})
     # What every micro-batch shares at least (the prompts' common header), for the FLOP model.
-    from uniopd.models.forward import shared_prefix_len
+    from uniopd.models.prefix import shared_prefix_len
     shared = shared_prefix_len(trainer.prompt_ids) if cfg.model.share_prompt_prefix else 0
     ch.send({"ready": True, "threads": torch.get_num_threads(), "prompt_lens": prompt_lens, "shared_prefix": shared,
              "rss_mb": rss_now_mb(), "metrics": str(logger.metrics_path)})

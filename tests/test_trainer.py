@@ -193,7 +193,7 @@ def test_sharing_the_prompt_prefix_runs_it_once_and_changes_nothing_else(tiny_st
     shared = []
     real = forward_mod._hidden_with_shared_prefix
     monkeypatch.setattr(forward_mod, "_hidden_with_shared_prefix",
-                        lambda model, layout, C: shared.append(C) or real(model, layout, C))
+                        lambda model, layout: shared.append(layout.prefix) or real(model, layout))
     header = "Add the two numbers and answer with the sum only: "
     data = write_jsonl(tmp_path / "train.jsonl", [
         {"id": f"p{i}", "domain": "arithmetic", "prompt": f"{header}{i}+{i + 1}=", "answer": str(2 * i + 1),
@@ -207,8 +207,10 @@ def test_sharing_the_prompt_prefix_runs_it_once_and_changes_nothing_else(tiny_st
                                              "teachers.t.share_prompt_prefix": setting}))
         metrics, _ = trainer.step()
         runs[setting] = (metrics, list(shared), trainer.student.model.state_dict())
-    # 4 prompts x 2 rollouts in micro-batches of 4: two for the teacher, two for the update, each sharing the header.
-    assert runs["false"][1] == [] and len(runs["true"][1]) == 4 and min(runs["true"][1]) >= len(header)
+    # 4 prompts x 2 rollouts in micro-batches of 4: two for the teacher, two for the update, each sharing
+    # at least the header (the pairs of rollouts share their whole prompts).
+    assert runs["false"][1] == [] and len(runs["true"][1]) == 4
+    assert all(min(plan.offsets()) >= len(header) for plan in runs["true"][1])
     for key in ("teacher_kl", "loss", "grad_norm"):
         assert runs["true"][0][key] == pytest.approx(runs["false"][0][key], rel=1e-4, abs=1e-6), key
     for name, w in runs["false"][2].items():

@@ -54,8 +54,9 @@ class ModelConfig:
     chat_template: bool = _f(True, "wrap prompts with the tokenizer's chat template when it has one")
     max_prompt_tokens: int = _f(1024, "prompts longer than this are handled by `data.overlong`")
     gradient_checkpointing: bool = _f(False, "recompute activations in the backward pass to save memory")
-    share_prompt_prefix: bool = _f(True, "score the tokens every sequence of a micro-batch starts with once, "
-                                         "not once per row (same results up to float rounding)")
+    share_prompt_prefix: bool = _f(True, "run prompt tokens that rows of a micro-batch share (a common header, "
+                                         "one prompt's n rollouts) once, not once per row (same results up to "
+                                         "float rounding)")
 
     def validate(self, key: str) -> None:
         _check_choice(f"{key}.dtype", self.dtype, ("float32", "bfloat16", "float16"))

@@ -114,7 +114,7 @@ def policy_update(student: LoadedModel, batch: StepBatch, optimizer: torch.optim
                   suppress_ids: list[int] | None = None, share_prefix: bool = True) -> UpdateResult:
     """multimodal: per-row vision inputs of a vision-language student (None: text);
     suppress_ids: tokens the rollout never samples (see `uniopd.models.multimodal`);
-    share_prefix: run a micro-batch's common prompt prefix once (`uniopd.models.forward`)."""
+    share_prefix: run prompt tokens that rows of a micro-batch share once (`uniopd.models.prefix`)."""
     model = student.model
     device = next(model.parameters()).device
     assert batch.adv_BT is not None and batch.keep_B is not None

@@ -6,18 +6,8 @@ at positions that predict response tokens (N of them, flattened), and apply the 
 head chunk by chunk (`uniopd.algo.losses.chunked`). Teachers and students use the same
 layout, so a teacher with a different prompt (its own view) lines up token for token.
 
-Shared prompt prefix. When every sequence of a micro-batch starts with the same C tokens
-(a chat template's system header; all of the prompt when rollout.n > 1 and a micro-batch
-holds one group), those C positions are run once as a batch of one and their keys/values
-broadcast to the B rows, so the body computes C + B(L - C) positions instead of BL:
-
-    K_b = [K_prefix ; K_b,rest],  V_b likewise,  for every layer and row b
-
-which is the same attention as the full forward (results agree to fp32 rounding; with
-gradients, the broadcast sums the rows' gradients into the prefix, as the full forward
-does across identical rows). Only the four Llama-style families whose cache
-`uniopd.rollout.lean` also relies on, without sliding windows, and not while gradient
-checkpointing recomputes layers (a replayed layer would append to the cache twice).
+Prompt tokens that several rows of a micro-batch share (a chat template's header; a whole
+prompt for its n rollouts) are run once when the layout asks for it (`uniopd.models.prefix`).
 """
 
 from __future__ import annotations
@@ -27,6 +17,8 @@ from typing import Any
 
 import torch
 from transformers import PreTrainedModel
+
+from uniopd.models.prefix import PrefixPlan, can_share_prefix, hidden_with_prefix, plan_prefix
 
 
 @dataclasses.dataclass
@@ -48,7 +40,7 @@ class ResponseLayout:
     col_N: torch.Tensor
     num_rows: int
     max_response: int
-    prefix_len: int = 0  # leading tokens every row shares, run once (0: none; see the module docstring)
+    prefix: PrefixPlan | None = None  # prompt prefixes run once (`uniopd.models.prefix`); None: every row whole
 
     def to_padded(self, values_N: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
         out = values_N.new_full((self.num_rows, self.max_response), fill)
@@ -59,27 +51,9 @@ class ResponseLayout:
         return values_BT[self.row_N, self.col_N]
 
 
-PREFIX_MIN_SAVED = 16  # positions saved, C * (B - 1), below which the extra forward call is not worth it
-
-
-def shared_prefix_len(prompt_ids: list[list[int]]) -> int:
-    """Tokens every prompt starts with, up to the shortest prompt's length - 1 (the last prompt
-    position predicts the first response token, so it must stay in each row's own part);
-    0 when that would save fewer than PREFIX_MIN_SAVED positions."""
-    if len(prompt_ids) < 2:
-        return 0
-    limit = min(len(p) for p in prompt_ids) - 1
-    first = prompt_ids[0]
-    c = 0
-    while c < limit and all(p[c] == first[c] for p in prompt_ids):
-        c += 1
-    return c if c * (len(prompt_ids) - 1) >= PREFIX_MIN_SAVED else 0
-
-
 def build_layout(prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: int,
                  device: torch.device | str = "cpu", *, share_prefix: bool = False) -> ResponseLayout:
-    """share_prefix: record the prompts' common prefix (`shared_prefix_len`) for
-    `response_hidden` to run once."""
+    """share_prefix: plan which prompt prefixes `response_hidden` runs once (`plan_prefix`)."""
     if len(prompt_ids) != len(response_ids):
         raise ValueError(f"{len(prompt_ids)} prompts but {len(response_ids)} responses")
     lengths = [len(p) + len(r) for p, r in zip(prompt_ids, response_ids)]
@@ -99,7 +73,7 @@ def build_layout(prompt_ids: list[list[int]], response_ids: list[list[int]], pad
     as_long = lambda xs: torch.tensor(xs, dtype=torch.long, device=device)  # noqa: E731
     return ResponseLayout(ids.to(device), attn.to(device), as_long(pred), as_long(tgt), as_long(rows),
                           as_long(cols), B, max((len(r) for r in response_ids), default=0),
-                          shared_prefix_len(prompt_ids) if share_prefix else 0)
+                          plan_prefix(prompt_ids, lengths) if share_prefix else None)
 
 
 _VOCAB_LIMIT_ATTR = "_uniopd_vocab_limit"
@@ -146,53 +120,26 @@ def base_model(model: PreTrainedModel) -> torch.nn.Module:
     return getattr(model, model.base_model_prefix)
 
 
-PREFIX_SHARING_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-
-
-def can_share_prefix(model: PreTrainedModel) -> bool:
-    """Whether `response_hidden` may run a layout's shared prefix once for this model."""
-    cfg = model.config
-    if getattr(cfg, "model_type", None) not in PREFIX_SHARING_TYPES:
-        return False
-    if getattr(cfg, "sliding_window", None) is not None and getattr(cfg, "use_sliding_window", True):
-        return False
-    # transformers 5 renamed the flag; reading the old name only warns there.
-    flag = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") \
-        else "is_gradient_checkpointing"
-    return not (torch.is_grad_enabled() and getattr(model, flag, False))
-
-
 def response_hidden(model: PreTrainedModel, layout: ResponseLayout,
                     extra_inputs: dict[str, Any] | None = None) -> torch.Tensor:
     """Final hidden states [N, H] at the positions that predict response tokens."""
-    C = layout.prefix_len if not extra_inputs and can_share_prefix(model) else 0
-    if C:
-        return _hidden_with_shared_prefix(model, layout, C)
+    if layout.prefix is not None and not extra_inputs and can_share_prefix(model):
+        return _hidden_with_shared_prefix(model, layout)
     out = base_model(model)(input_ids=layout.input_ids_BL, attention_mask=layout.attention_mask_BL,
                             use_cache=False, **(extra_inputs or {}))
     hidden_BLH = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
     return hidden_BLH.reshape(-1, hidden_BLH.shape[-1]).index_select(0, layout.pred_index_N)
 
 
-def _hidden_with_shared_prefix(model: PreTrainedModel, layout: ResponseLayout, C: int) -> torch.Tensor:
-    from transformers import DynamicCache
-
-    base = base_model(model)
-    ids_BL = layout.input_ids_BL
-    B, L = ids_BL.shape
-    cache = DynamicCache()
-    if not hasattr(cache, "layers"):  # a transformers without per-layer caches: no sharing
-        return response_hidden(model, dataclasses.replace(layout, prefix_len=0))
-    base(input_ids=ids_BL[:1, :C], use_cache=True, past_key_values=cache)
-    for layer in cache.layers:  # one row's prefix keys/values, seen by all B rows (no copy)
-        layer.keys = layer.keys.expand(B, -1, -1, -1)
-        layer.values = layer.values.expand(B, -1, -1, -1)
-    # Positions C..L-1 follow from the cache length; the mask covers prefix and rest.
-    out = base(input_ids=ids_BL[:, C:], attention_mask=layout.attention_mask_BL, past_key_values=cache,
-               use_cache=False)
-    hidden_BRH = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-    # A flat index b*L + p becomes b*(L-C) + (p-C); every predicting position is past the prefix.
-    rest_index_N = layout.pred_index_N - C * (layout.row_N + 1)
+def _hidden_with_shared_prefix(model: PreTrainedModel, layout: ResponseLayout) -> torch.Tensor:
+    lengths = layout.attention_mask_BL.sum(-1).tolist()
+    hidden_BRH = hidden_with_prefix(base_model(model), layout.input_ids_BL, lengths, layout.prefix)
+    if hidden_BRH is None:  # a transformers without per-layer caches: every row whole
+        return response_hidden(model, dataclasses.replace(layout, prefix=None))
+    # Row b's position p sits at b*R + p - offset_b in the flattened rest.
+    L, R = layout.input_ids_BL.shape[1], hidden_BRH.shape[1]
+    off_N = torch.tensor(layout.prefix.offsets(), device=layout.row_N.device)[layout.row_N]
+    rest_index_N = layout.pred_index_N - layout.row_N * (L - R) - off_N
     return hidden_BRH.reshape(-1, hidden_BRH.shape[-1]).index_select(0, rest_index_N)
 
 
