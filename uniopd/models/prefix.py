@@ -20,9 +20,9 @@ forward. Two plans:
 `plan_prefix` keeps whichever computes fewer positions, padding included: C + B(L - C) for
 the header, G·max C_g + B·max R_b for G groups with rests R_b. It shares only when that
 saves at least PREFIX_MIN_SAVED positions. Used by `uniopd.models.forward.response_hidden`.
-It covers only the four Llama-style families (the cache layout `uniopd.rollout.lean` also
-relies on), without sliding windows, and not while gradient checkpointing replays layers
-(a replayed layer would append to the cache twice).
+It covers only the Llama-style families with full attention (`uniopd.models.families`), and
+not while gradient checkpointing replays layers (a replayed layer would append to the cache
+twice).
 """
 
 from __future__ import annotations
@@ -31,8 +31,9 @@ from dataclasses import dataclass
 
 import torch
 
+from uniopd.models.families import full_attention_llama_reason
+
 PREFIX_MIN_SAVED = 16  # positions saved below which the extra forward call is not worth it
-SHARING_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 
 @dataclass
@@ -85,10 +86,7 @@ def plan_prefix(prompt_ids: list[list[int]], lengths: list[int]) -> PrefixPlan |
 
 def can_share_prefix(model) -> bool:
     """Whether this model's forward may run shared prefixes once (see the module docstring)."""
-    cfg = model.config
-    if getattr(cfg, "model_type", None) not in SHARING_TYPES:
-        return False
-    if getattr(cfg, "sliding_window", None) is not None and getattr(cfg, "use_sliding_window", True):
+    if full_attention_llama_reason(model.config) is not None:
         return False
     # transformers 5 renamed the flag; reading the old name only warns there.
     flag = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") \

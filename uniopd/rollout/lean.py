@@ -35,9 +35,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from uniopd.models.families import full_attention_llama_reason
 from uniopd.models.packed import can_pack, pack, packed_linear, thin_linear
 
-SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 PACK_MIN_STEPS = 8  # packing costs about as much as two decode steps: not worth it for a few tokens
 _POSITION_DEPENDENT_ROPE = ("dynamic", "longrope")  # their cos/sin change with the longest position seen
 
@@ -59,15 +59,11 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch
 def unsupported_reason(model: nn.Module) -> str | None:
     """Why `LeanDecoder` cannot decode this model, or None when it can."""
     cfg = getattr(model, "config", None)
-    mtype = getattr(cfg, "model_type", None)
-    if mtype not in SUPPORTED_TYPES:
-        return f"model_type {mtype!r} is not one of {SUPPORTED_TYPES}"
+    reason = full_attention_llama_reason(cfg)
+    if reason is not None:
+        return reason
     if getattr(cfg, "hidden_act", "silu") != "silu":
         return f"hidden_act {cfg.hidden_act!r}"
-    if getattr(cfg, "sliding_window", None) is not None and getattr(cfg, "use_sliding_window", True):
-        return "sliding-window attention"
-    if any(t != "full_attention" for t in (getattr(cfg, "layer_types", None) or ())):
-        return "layers other than full attention"
     base = getattr(model, "model", None)
     layers = getattr(base, "layers", None)
     if layers is None or not hasattr(base, "rotary_emb") or not hasattr(base, "norm"):
