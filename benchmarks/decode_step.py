@@ -3,7 +3,7 @@
     python benchmarks/decode_step.py [--threads 1 2] [--rows 8] [--prompt 52] [--new 64]
 
 Same model (step_throughput's ~30M random Llama student), same prefilled cache and same
-tokens; `uniopd.rollout.lean.LeanDecoder` (step + head, its weight packing included in
+tokens; `uniopd.cpu.lean.LeanDecoder` (step + head, its weight packing included in
 the time) and `model.model(...)` with a DynamicCache + the head as W @ h^T (the decode path
 before the lean step) alternate repetition by repetition so machine noise hits both;
 medians after the first. Sampling is shared by both and not timed. The last columns time
@@ -36,8 +36,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     from transformers import AutoModelForCausalLM, DynamicCache
 
-    from uniopd.models.packed import thin_linear
-    from uniopd.rollout.lean import LeanDecoder
+    from uniopd.cpu.packed import thin_linear
+    from uniopd.cpu.lean import LeanDecoder
+    from uniopd.models.compat import cache_kwargs
 
     student, _ = build_models(args)
     model = AutoModelForCausalLM.from_pretrained(student, dtype=torch.float32).eval()
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> dict:
     @torch.inference_mode()
     def ms_per_step(kind: str) -> float:
         cache = DynamicCache()
-        model.model(input_ids=ids_BP, past_key_values=cache, use_cache=True)
+        model.model(input_ids=ids_BP, **cache_kwargs(model.model, cache), use_cache=True)
         t0 = time.perf_counter()
         lean = LeanDecoder(model, cache, None, T, head_VH=head_VH) if kind == "lean" else None
         for t in range(T):
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> dict:
                 lean.head(lean.step(toks_BT[:, t], pos_B))
             else:
                 out = model.model(input_ids=toks_BT[:, t:t + 1], position_ids=pos_B[:, None],
-                                  past_key_values=cache, use_cache=True)
+                                  **cache_kwargs(model.model, cache), use_cache=True)
                 thin_linear(out.last_hidden_state[:, -1], head_VH).contiguous()
         return (time.perf_counter() - t0) / T * 1e3
 

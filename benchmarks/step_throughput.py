@@ -9,7 +9,7 @@ teacher (~50M) that share SmolLM2's 49,152-token tokenizer, on the same prompts,
 response (EOS is blocked until then: uniopd `rollout.min_new_tokens`, TRL
 `generation_config.min_new_tokens`), float32, the same torch thread count.
 
-* uniopd: `uniopd.trainer.Trainer`, `loss.kind=sampled`, calibration and balancing off,
+* uniopd: `uniopd.train.trainer.Trainer`, `loss.kind=sampled`, calibration and balancing off,
   `logging.diagnostics=false`; one `Trainer.step()` per step (its metrics go to
   `<workdir>/uniopd/metrics.jsonl` as in `Trainer.train`).
 * TRL: `trl.experimental.gkd.GKDTrainer` with lmbda=1 (always on-policy), beta=1 (reverse
@@ -105,8 +105,8 @@ def worker_uniopd(args) -> None:
 
     torch.set_num_threads(args.threads)
     from uniopd.config import load_config
-    from uniopd.logger import MetricsLogger
-    from uniopd.trainer import Trainer
+    from uniopd.train.logger import MetricsLogger
+    from uniopd.train.trainer import Trainer
 
     run_dir = Path(args.workdir) / "uniopd"
     overrides = [
@@ -164,7 +164,7 @@ def profile_uniopd(trainer, workdir: Path) -> dict[str, Any]:
     import uniopd.algo.losses.chunked as chunked
     import uniopd.rollout.hf as hf
     import uniopd.teachers.local as local
-    import uniopd.update as upd
+    import uniopd.train.update as upd
 
     def labelled(name, fn):
         @functools.wraps(fn)
@@ -232,7 +232,7 @@ def worker_trl(args) -> None:
 
     torch.set_num_threads(args.threads)
     if args.trl_reuse_cpu_memory:  # uniopd's allocator setting, given to TRL for a like-for-like run
-        from uniopd.utils import reuse_freed_cpu_memory
+        from uniopd.runtime import reuse_freed_cpu_memory
 
         reuse_freed_cpu_memory()
     from datasets import Dataset
@@ -378,7 +378,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--uniopd-share-prefix", default="on", choices=("on", "off"),
                    help="uniopd's model/teacher share_prompt_prefix (on by default in uniopd)")
     p.add_argument("--trl-reuse-cpu-memory", action="store_true",
-                   help="give TRL's process the same allocator setting (uniopd.utils.reuse_freed_cpu_memory)")
+                   help="give TRL's process the same allocator setting (uniopd.runtime.reuse_freed_cpu_memory)")
     p.add_argument("--skip-trl", action="store_true", help="run uniopd only")
     p.add_argument("--profile", action="store_true", help="also profile one uniopd step (torch.profiler)")
     p.add_argument("--workdir", help="run files (prompts, metrics.jsonl, logs, profile); default: a temp dir")

@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 
 import uniopd
 from helpers import write_jsonl
-from uniopd.checkpoint import find_resumable
+from uniopd.train.checkpoint import find_resumable
 from uniopd.cli import main
 
 STEPS = 12

@@ -5,7 +5,7 @@ import torch
 
 from helpers import make_tiny_model, write_jsonl
 from uniopd.config import ConfigError
-from uniopd.trainer import Trainer
+from uniopd.train.trainer import Trainer
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""uniopd.utils.reuse_freed_cpu_memory: freed large tensors are reused, not faulted in again."""
+"""uniopd.runtime.reuse_freed_cpu_memory: freed large tensors are reused, not faulted in again."""
 
 import platform
 import subprocess
@@ -13,7 +13,7 @@ import pytest
 # and later rounds fault nothing; without it every round faults all 16,384.
 _CHILD = """
 import resource, sys, torch
-from uniopd.utils import reuse_freed_cpu_memory
+from uniopd.runtime import reuse_freed_cpu_memory
 applied = reuse_freed_cpu_memory() if sys.argv[1] == "on" else False
 faults = []
 for _ in range(40):

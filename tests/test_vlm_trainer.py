@@ -9,7 +9,7 @@ from helpers import tiny_run_config, write_jsonl
 from uniopd.config import ConfigError, ModelConfig
 from uniopd.models.loading import load_model
 from uniopd.models.multimodal import ImageInputError
-from uniopd.trainer import Trainer
+from uniopd.train.trainer import Trainer
 
 
 @pytest.fixture

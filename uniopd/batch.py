@@ -1,4 +1,5 @@
-"""The step batch: rollouts, outcomes and teacher scores as plain [B, T] tensors.
+"""What flows between the phases of a step: `Sample` (one rollout, from any rollout engine)
+and `StepBatch` (rollouts, outcomes and teacher scores as plain [B, T] tensors).
 
 Everything after rollout works on one `StepBatch`: row b is one response, `group_ids_B`
 says which prompt it came from, `mask_BT` marks its response tokens.
@@ -11,7 +12,23 @@ from dataclasses import dataclass, field
 import torch
 
 from uniopd.data.records import PromptRecord
-from uniopd.rollout.hf import Sample
+
+# What a teacher scorer can return per response token (`uniopd.teachers.base`).
+LOGP = "logp"  # log πT of the sampled token (every scorer)
+TOPK = "topk"  # the teacher's top-k ids and their full-vocabulary log-probs
+HIDDEN = "hidden"  # final hidden states and the output head (dense losses, diagnostics)
+TEACHER_OUTPUTS = (LOGP, TOPK, HIDDEN)
+
+
+@dataclass
+class Sample:
+    """One rollout: the response tokens and their log-probs under the sampling policy."""
+
+    prompt_ids: list[int]
+    response_ids: list[int]
+    logprobs: list[float]
+    finished: bool  # ended with EOS (False: cut at max_new_tokens)
+    extra: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -26,6 +43,8 @@ class StepBatch:
     teacher_names: list[str] = field(default_factory=list)
     teacher_logp_BT: torch.Tensor | None = None
     teacher_hidden: dict[int, torch.Tensor] = field(default_factory=dict)  # row -> [T_b, H] (dense losses)
+    # row -> (ids [T_b, K], log-probs [T_b, K]) from scorers that return only the teacher's top-k
+    teacher_topk: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     adv_BT: torch.Tensor | None = None
     keep_B: torch.Tensor | None = None  # rows that train (calibration mask)
 

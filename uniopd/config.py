@@ -16,6 +16,8 @@ from typing import Any
 
 import yaml
 
+from uniopd.algo.losses.registry import LOSS_KINDS
+
 
 class ConfigError(ValueError):
     """A bad configuration key or value; the message names the dotted key."""
@@ -74,11 +76,18 @@ class TeacherConfig(ModelConfig):
     image_template: str = _f("[image: {text}]",
                              "image_text view: how each image is written as text; field: {text} (the record's image_text)")
     self_distill: bool = _f(False, "the teacher is the student's own frozen initial weights (path may be empty)")
-    top_k: int | None = _f(None, "score with the teacher's top-k only (what some backends return)")
+    backend: str = _f("local", "teacher scorer: local (a frozen model in this process) or a dotted path "
+                               "package.module:Class (a uniopd.teachers.base.TeacherScorer)")
+    top_k: int | None = _f(None, "return only the teacher's top-k ids and log-probs per token, as served "
+                                 "teachers do (feeds loss.kind=topk with topk_source=teacher); None: hidden states")
 
     def validate(self, key: str) -> None:
         if not self.self_distill:
             super().validate(key)
+        if not self.backend:
+            raise ConfigError(f"{key}.backend: empty; use local or a dotted path package.module:Class")
+        if self.top_k is not None:
+            _check_range(f"{key}.top_k", self.top_k, 1)
         _check_choice(f"{key}.view", self.view, ("same", "teacher_prompt", "privileged", "template",
                                                            "image_text"))
 
@@ -101,8 +110,8 @@ class DataConfig:
 
 @dataclass
 class RolloutConfig:
-    backend: str = _f("hf", "generation backend: hf (the batched KV-cache loop in uniopd/rollout/hf.py; "
-                            "a vLLM backend is not built yet)")
+    backend: str = _f("hf", "rollout engine: hf (the batched KV-cache loop in uniopd/rollout/hf.py) or a "
+                            "dotted path package.module:Class (a uniopd.rollout.base.RolloutEngine)")
     prompts_per_step: int = _f(8, "prompts sampled per training step")
     n: int = _f(4, "rollouts per prompt (the group)")
     temperature: float = _f(1.0, "sampling temperature")
@@ -110,7 +119,7 @@ class RolloutConfig:
     max_new_tokens: int = _f(256, "maximum response length")
     min_new_tokens: int = _f(0, "EOS is blocked before this many tokens (benchmarks)")
     batch_size: int = _f(64, "sequences decoded together")
-    decode: str = _f("auto", "decode steps: auto (uniopd.rollout.lean for Llama/Mistral/Qwen2/Qwen3 text "
+    decode: str = _f("auto", "decode steps: auto (uniopd.cpu.lean for Llama/Mistral/Qwen2/Qwen3 text "
                              "models, on CPU fp32 with a oneDNN-packed copy of the weights while decoding; "
                              "else the model's forward) | hf (always the model's forward)")
     threads: int | None = _f(None, "torch CPU threads while decoding (default: trainer.threads); small "
@@ -119,7 +128,8 @@ class RolloutConfig:
     def validate(self, key: str) -> None:
         if self.backend == "vllm":
             raise ConfigError(f"{key}.backend=vllm: the vLLM rollout backend is not built yet; use hf")
-        _check_choice(f"{key}.backend", self.backend, ("hf",))
+        if not self.backend:
+            raise ConfigError(f"{key}.backend: empty; use hf or a dotted path package.module:Class")
         _check_choice(f"{key}.decode", self.decode, ("auto", "hf"))
         _check_range(f"{key}.temperature", self.temperature, 0.0, lo_open=True)
         _check_range(f"{key}.top_p", self.top_p, 0.0, 1.0, lo_open=True)
@@ -131,7 +141,7 @@ class RolloutConfig:
 
 @dataclass
 class LossConfig:
-    kind: str = _f("sampled", "sampled | topk | full | jsd | mix")
+    kind: str = _f("sampled", "loss kind, one of uniopd.algo.losses.registry.LOSS_KINDS: " + " | ".join(LOSS_KINDS))
     clip_low: float = _f(0.2, "PPO clip epsilon below 1 (ratio >= 1 - clip_low)")
     clip_high: float = _f(0.28, "PPO clip epsilon above 1 (ratio <= 1 + clip_high)")
     kl_coef: float = _f(1.0, "weight of the teacher reverse-KL token advantage")
@@ -149,7 +159,7 @@ class LossConfig:
     chunk_size: int = _f(1024, "tokens per chunk when computing log-probs and dense losses")
 
     def validate(self, key: str) -> None:
-        _check_choice(f"{key}.kind", self.kind, ("sampled", "topk", "full", "jsd", "mix"))
+        _check_choice(f"{key}.kind", self.kind, tuple(LOSS_KINDS))
         _check_choice(f"{key}.direction", self.direction, ("reverse", "forward"))
         _check_choice(f"{key}.outcome_baseline", self.outcome_baseline, ("group", "none"))
         _check_choice(f"{key}.topk_source", self.topk_source, ("student", "teacher", "union", "intersection"))
@@ -214,6 +224,8 @@ class TrainerConfig:
     seed: int = _f(0, "seed of data order, sampling and initialisation")
     threads: int | None = _f(None, "torch CPU threads (default: torch's choice)")
     device: str = _f("auto", "auto | cpu | cuda")
+    strategy: str = _f("single", "training strategy (processes, model wrapping, reductions, checkpoint "
+                                 "writing): single (one process)")
     reuse_cpu_memory: bool = _f(True, "on CPU (glibc), keep freed memory in the process so each step's large "
                                       "tensors skip page faults; RSS settles at or a little above its peak")
     output_dir: str = _f("runs/latest", "run directory: config, metrics, checkpoints")
@@ -225,6 +237,7 @@ class TrainerConfig:
 
     def validate(self, key: str) -> None:
         _check_choice(f"{key}.device", self.device, ("auto", "cpu", "cuda"))
+        _check_choice(f"{key}.strategy", self.strategy, ("single",))
         for name in ("steps", "micro_batch_size", "mini_batches"):
             _check_range(f"{key}.{name}", getattr(self, name), 1)
         _check_range(f"{key}.lr", self.lr, 0.0)
@@ -233,15 +246,23 @@ class TrainerConfig:
 
 
 @dataclass
-class SFTSectionConfig:
+class SFTConfig:
     steps: int = _f(200, "`uniopd sft`: optimizer steps on the response file")
     batch_size: int = _f(16, "`uniopd sft`: sequences per step")
     lr: float = _f(1e-5, "`uniopd sft`: peak learning rate (cosine decay)")
     warmup_steps: int = _f(10, "`uniopd sft`: linear warmup steps")
+    min_lr_ratio: float = _f(0.1, "`uniopd sft`: the cosine decay ends at lr * min_lr_ratio")
+    weight_decay: float = _f(0.0, "`uniopd sft`: AdamW weight decay")
+    grad_clip: float = _f(1.0, "`uniopd sft`: clip the global grad norm to this (0 = off)")
 
     def validate(self, key: str) -> None:
         for name in ("steps", "batch_size"):
             _check_range(f"{key}.{name}", getattr(self, name), 1)
+        _check_range(f"{key}.lr", self.lr, 0.0)
+        _check_range(f"{key}.warmup_steps", self.warmup_steps, 0)
+        _check_range(f"{key}.min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
+        _check_range(f"{key}.weight_decay", self.weight_decay, 0.0)
+        _check_range(f"{key}.grad_clip", self.grad_clip, 0.0)
 
 
 @dataclass
@@ -263,7 +284,7 @@ class RunConfig:
     calibration: CalibrationConfig = _f(CalibrationConfig(), "teacher-side margin calibration")
     balance: BalanceConfig = _f(BalanceConfig(), "student-side data balancing")
     trainer: TrainerConfig = _f(TrainerConfig(), "optimisation and checkpoints")
-    sft: SFTSectionConfig = _f(SFTSectionConfig(), "off-policy cold start (`uniopd sft`)")
+    sft: SFTConfig = _f(SFTConfig(), "off-policy cold start (`uniopd sft`) and the demo's model builds")
     logging: LoggingConfig = _f(LoggingConfig(), "metrics output")
 
     def validate(self) -> "RunConfig":

@@ -14,11 +14,12 @@ from typing import Any
 import torch
 
 from uniopd.config import DataConfig, ModelConfig, RolloutConfig
+from uniopd.data.prompts import prepare_prompts
 from uniopd.data.records import PromptRecord
 from uniopd.models.loading import LoadedModel
-from uniopd.rewards import verify_batch
-from uniopd.rollout.hf import generate
-from uniopd.setup import prepare_prompts
+from uniopd.models.multimodal import StudentVision
+from uniopd.rollout.base import RolloutEngine, build_rollout_engine
+from uniopd.rollout.collect import ResponseVerifier, sample_and_verify
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -30,11 +31,14 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 def evaluate_model(loaded: LoadedModel, records: list[PromptRecord], rollout_cfg: RolloutConfig,
                    model_cfg: ModelConfig, data_cfg: DataConfig, *, k: int = 1, greedy: bool = False,
                    generator: torch.Generator | None = None, progress: bool = True,
-                   chunk_prompts: int = 64) -> dict[str, Any]:
-    from uniopd.models.multimodal import StudentVision
-
+                   chunk_prompts: int = 64, engine: RolloutEngine | None = None) -> dict[str, Any]:
+    """engine: the rollout engine to sample with (a training run passes its own); default: one
+    built from `rollout_cfg` for `loaded`."""
     tok = loaded.tokenizer
     vision = StudentVision.of(loaded, model_cfg)  # None for text models
+    if engine is None:
+        engine = build_rollout_engine(rollout_cfg, loaded, suppress_ids=vision.suppress_ids if vision else None)
+    verifier = ResponseVerifier(tok, data_cfg.domain_verifiers)
     records, prompt_ids, _ = prepare_prompts(records, tok, model_cfg, data_cfg,
                                              encode=vision.ids if vision else None)
     n = 1 if greedy else k
@@ -46,15 +50,11 @@ def evaluate_model(loaded: LoadedModel, records: list[PromptRecord], rollout_cfg
         bar = tqdm(total=len(records), desc="eval", unit="prompt")
     for start in range(0, len(records), chunk_prompts):
         recs = records[start: start + chunk_prompts]
-        groups = generate(loaded.model, prompt_ids[start: start + chunk_prompts], rollout_cfg, n=n,
-                          eos_ids={tok.eos_token_id}, pad_id=tok.pad_token_id, generator=generator, greedy=greedy,
-                          multimodal=vision.inputs(recs) if vision else None,
-                          suppress_ids=vision.suppress_ids if vision else None)
-        texts = tok.batch_decode([s.response_ids for g in groups for s in g], skip_special_tokens=True)
-        flat_recs = [r for r, g in zip(recs, groups) for _ in g]
-        outcomes = verify_batch(texts, flat_recs, domain_defaults=data_cfg.domain_verifiers or None)
+        done = sample_and_verify(engine, recs, prompt_ids[start: start + chunk_prompts], n, verifier=verifier,
+                                 vision=vision, greedy=greedy, generator=generator)
+        correct = done.correct_B.tolist()
         for i in range(len(recs)):
-            correct_by_prompt.append([o.correct for o in outcomes[i * n:(i + 1) * n]])
+            correct_by_prompt.append(correct[i * n:(i + 1) * n])
         if bar:
             bar.update(len(recs))
     if bar:

@@ -94,7 +94,7 @@ def test_no_grad_path_matches():
 @pytest.mark.parametrize("keep_bytes", [0, None])
 def test_a_trainable_cpu_head_is_packed_once_per_call_and_gives_the_same_values(keep_bytes, monkeypatch):
     import uniopd.algo.losses.chunked as chunked
-    from uniopd.models.packed import can_pack
+    from uniopd.cpu.packed import can_pack
 
     g = torch.Generator().manual_seed(1)
     n = chunked.PACK_HEAD_MIN_ROWS + 32  # three chunks of 64: one pack serves them all

@@ -24,7 +24,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(not _have_gguf(), reason="llm
 
 
 def test_smollm2_privileged_self_distillation_step(tmp_path):
-    from uniopd.trainer import Trainer
+    from uniopd.train.trainer import Trainer
 
     cfg = load_config("recipes/smollm2_privileged.yaml", [
         f"trainer.output_dir={tmp_path}", "trainer.steps=1", "rollout.prompts_per_step=2", "rollout.n=2",
@@ -49,7 +49,7 @@ def test_smollm2_lean_decode_and_shared_prefixes_compute_what_its_forward_does()
 
     from uniopd.models.forward import build_layout, response_hidden
     from uniopd.models.loading import load_model
-    from uniopd.rollout.hf import generate_batch
+    from uniopd.rollout.hf import generate_batch, lean_decode_reason
 
     loaded = load_model(load_config("recipes/smollm2_privileged.yaml", []).model, "model", trainable=False)
     model, tok = loaded.model, loaded.tokenizer
@@ -57,7 +57,7 @@ def test_smollm2_lean_decode_and_shared_prefixes_compute_what_its_forward_does()
                for q in ("What is 12+35?", "Name a prime number above 50.", "What is 12+35?")]
     prompts = [p if isinstance(p, list) else p["input_ids"] for p in prompts]
     runs = {d: generate_batch(model, prompts, eos_ids={tok.eos_token_id}, pad_id=tok.pad_token_id, max_new_tokens=24,
-                              min_new_tokens=24, generator=torch.Generator().manual_seed(0), decode=d)
+                              min_new_tokens=24, generator=torch.Generator().manual_seed(0), lean=lean_decode_reason(model, d) is None)
             for d in ("auto", "hf")}
     assert [s.response_ids for s in runs["auto"]] == [s.response_ids for s in runs["hf"]]
     for a, b in zip(runs["auto"], runs["hf"]):

@@ -26,7 +26,7 @@ def test_teacher_scores_equal_a_plain_log_softmax(tiny_teacher_dir):
             expected += [logp[P - 1 + j, tok_id] for j, tok_id in enumerate(resp)]
     assert torch.allclose(scores.logp_N, torch.stack(expected), atol=1e-5)
     # On CPU in fp32 those scores came from packed copies of the frozen teacher's weights.
-    from uniopd.models import packed
+    from uniopd.cpu import packed
 
     linears = [m.weight for m in lm.model.modules() if type(m) is torch.nn.Linear]
     if packed.can_pack(linears[0]):

@@ -31,8 +31,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from uniopd.data.records import PromptRecord
 from uniopd.models.loading import LoadedModel
 from uniopd.models.prompts import render_prompt
-from uniopd.sft import SFTConfig, sft_train
-from uniopd.utils import seed_everything
+from uniopd.config import SFTConfig
+from uniopd.train.sft import sft_train
+from uniopd.runtime import seed_everything
 
 
 def default_cache_dir() -> Path:
@@ -179,8 +180,8 @@ def build_model(kind: str, spec: TinyModelSpec, cache_dir: Path, *, progress: bo
         return reached["all"] >= spec.target_acc
 
     losses = sft_train(loaded, pairs, SFTConfig(steps=spec.sft_steps, batch_size=spec.batch_size, lr=spec.lr,
-                                                seed=spec.seed, min_lr_ratio=spec.min_lr_ratio),
-                       progress=progress, should_stop=reached_target)
+                                                warmup_steps=50, min_lr_ratio=spec.min_lr_ratio),
+                       seed=spec.seed, progress=progress, should_stop=reached_target)
     if spec.target_acc is not None:
         how = "reached" if reached.get("all", 0.0) >= spec.target_acc else "did not reach"
         log(f"{kind}: {how} validation accuracy {spec.target_acc:.0%} after {len(losses)} SFT steps "

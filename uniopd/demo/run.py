@@ -2,7 +2,7 @@
 
 1. Data from reasoning-gym: OPD training prompts (seeded by --seed) and a fixed held-out set.
 2. A teacher and a weaker student are built once (SFT from scratch) and cached.
-3. Each method distils the same student from the same teacher with `uniopd.trainer`.
+3. Each method distils the same student from the same teacher with `uniopd.train.trainer`.
 4. Student-before, student-after (per method) and teacher accuracy on the held-out prompts.
 The teacher and student builds do not depend on --seed (so they are cached once); --seed
 changes the OPD prompts, their order and every sampled rollout.
@@ -58,7 +58,7 @@ def distil(student: Path, teacher: Path | dict[str, Path], train_file: Path, run
            steps: int, method: str, progress: bool,
            extra: list[str] | tuple[str, ...] = ()) -> tuple[dict[str, Any], Path, float]:
     """One demo OPD run: (the trainer's result, its final checkpoint, seconds)."""
-    from uniopd.trainer import Trainer
+    from uniopd.train.trainer import Trainer
 
     cfg = demo_config(student, teacher, train_file, run_dir, seed=seed, steps=steps, method=method,
                       progress=progress, extra=extra)

@@ -1,5 +1,5 @@
 """The model families uniopd's own fast paths know: the lean decode step
-(`uniopd.rollout.lean`) and shared prompt prefixes (`uniopd.models.prefix`). Both rely on
+(`uniopd.cpu.lean`) and shared prompt prefixes (`uniopd.models.prefix`). Both rely on
 a Llama-style layer and on full attention in every layer (a per-layer key/value cache that
 holds every position); anything else runs through the model's own forward."""
 

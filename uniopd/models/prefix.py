@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
+from uniopd.models.compat import cache_kwargs
 from uniopd.models.families import full_attention_llama_reason
 
 PREFIX_MIN_SAVED = 16  # positions saved below which the extra forward call is not worth it
@@ -109,7 +110,8 @@ def hidden_with_prefix(base: torch.nn.Module, ids_BL: torch.Tensor, lengths: lis
     R = max(n - c for n, c in zip(lengths, off_B))
     len_G1 = torch.tensor(plan.len_G, device=device)[:, None]
     prefix_mask_GC = (torch.arange(C, device=device)[None] < len_G1).long()
-    base(input_ids=ids_BL[plan.rep_G, :C], attention_mask=prefix_mask_GC, use_cache=True, past_key_values=cache)
+    base(input_ids=ids_BL[plan.rep_G, :C], attention_mask=prefix_mask_GC, use_cache=True,
+         **cache_kwargs(base, cache))
     group_B = torch.tensor(plan.group_B, device=device)
     for layer in cache.layers:  # each row sees its group's prefix (a broadcast, not a copy, for one group)
         layer.keys = layer.keys.expand(B, -1, -1, -1) if G == 1 else layer.keys.index_select(0, group_B)
@@ -122,6 +124,6 @@ def hidden_with_prefix(base: torch.nn.Module, ids_BL: torch.Tensor, lengths: lis
         rest_mask_BR[b, : n - c] = 1
     mask_B_CR = torch.cat((prefix_mask_GC[group_B], rest_mask_BR), 1)
     pos_BR = torch.tensor(off_B, device=device)[:, None] + torch.arange(R, device=device)[None]
-    out = base(input_ids=rest_ids_BR, attention_mask=mask_B_CR, position_ids=pos_BR, past_key_values=cache,
+    out = base(input_ids=rest_ids_BR, attention_mask=mask_B_CR, position_ids=pos_BR, **cache_kwargs(base, cache),
                use_cache=False)
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]

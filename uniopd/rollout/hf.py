@@ -8,36 +8,34 @@ Log-probs are taken under logits / temperature, the distribution the token was a
 drawn from (before top-p truncation, as verl and TRL do); the update uses the same
 temperature, so the PPO ratio starts at exactly 1.
 
-Per decode step (what the CPU profile of issue 7 led to): the body runs through
-`uniopd.rollout.lean` for Llama/Mistral/Qwen2/Qwen3 text models (the model's own base
-forward otherwise) and the output head as a `thin_linear` (on oneDNN-packed weights in the
-lean path on CPU, W @ h^T otherwise); tokens are drawn by inverse CDF with one uniform per
-row from the caller's generator (reproducible, but a different random stream from
-torch.multinomial's); the attention mask is preallocated, or left out when no row is padded.
+Per decode step: on CPU the body of Llama/Mistral/Qwen2/Qwen3 text models runs through
+`uniopd.cpu.lean` (chosen once, when the engine is built; the model's own base forward
+otherwise) and the output head as a `thin_linear` (on oneDNN-packed weights in the lean
+path, W @ h^T otherwise); tokens are drawn by inverse CDF with one uniform per row from the
+caller's generator (reproducible, but a different random stream from torch.multinomial's);
+the attention mask is preallocated, or left out when no row is padded.
+
+`HFEngine` is this loop behind the rollout-engine seam (`rollout.backend: hf`): it samples
+from the trainer's own module, so an optimizer step is seen by the next rollout at once.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import logging
 
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
+from uniopd.batch import Sample
 from uniopd.config import RolloutConfig
+from uniopd.cpu.lean import LeanDecoder, unsupported_reason
+from uniopd.cpu.packed import thin_linear
+from uniopd.models.compat import cache_kwargs
 from uniopd.models.forward import base_model, output_head, vocab_limit
-from uniopd.models.packed import thin_linear
-from uniopd.rollout.lean import LeanDecoder, unsupported_reason
+from uniopd.models.loading import LoadedModel
+from uniopd.rollout.base import EngineSupport, RolloutEngine
 
-
-@dataclass
-class Sample:
-    """One rollout: the response tokens and their log-probs under the sampling policy."""
-
-    prompt_ids: list[int]
-    response_ids: list[int]
-    logprobs: list[float]
-    finished: bool  # ended with EOS (False: cut at max_new_tokens)
-    extra: dict = field(default_factory=dict)
+log = logging.getLogger(__name__)
 
 
 CDF_BLOCK = 512  # vocabulary entries per block of the two-level inverse CDF
@@ -103,13 +101,13 @@ def generate_batch(model: PreTrainedModel, prompts: list[list[int]], *, eos_ids:
                    max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
                    min_new_tokens: int = 0, generator: torch.Generator | None = None,
                    greedy: bool = False, multimodal: list | None = None,
-                   suppress_ids: list[int] | None = None, decode: str = "auto") -> list[Sample]:
+                   suppress_ids: list[int] | None = None, lean: bool = False) -> list[Sample]:
     """Sample one response per prompt (prompts are token ids; rows are left-padded here).
 
     multimodal: one `uniopd.models.multimodal.MultimodalInputs` (or None) per prompt, for
     vision-language models; suppress_ids: tokens never sampled (a VLM's image placeholders).
-    Both default to None, the text path. decode: "auto" runs the decode steps of supported
-    text models through `uniopd.rollout.lean`, "hf" always through the model's forward.
+    Both default to None, the text path. lean: run the decode steps of text prompts through
+    `uniopd.cpu.lean` (the caller checked `lean_decode_reason`); else the model's forward.
     """
     device = next(model.parameters()).device
     B = len(prompts)
@@ -133,7 +131,7 @@ def generate_batch(model: PreTrainedModel, prompts: list[list[int]], *, eos_ids:
     suppress_t = torch.tensor(sorted(suppress_ids), device=device) if suppress_ids else None
     cache = DynamicCache()
     V = vocab_limit(model)  # a head padded past the tokenizer: its padded rows are never sampled
-    out = model(input_ids=ids_BP, attention_mask=attn_BL, position_ids=pos_BP, past_key_values=cache,
+    out = model(input_ids=ids_BP, attention_mask=attn_BL, position_ids=pos_BP, **cache_kwargs(model, cache),
                 use_cache=True, logits_to_keep=1, **extra)
     logits_BV = out.logits[:, -1, :V].float()
     next_pos_B1 = pos_BP[..., -1:] + 1  # [B, 1], or [3, B, 1] with M-RoPE
@@ -141,14 +139,13 @@ def generate_batch(model: PreTrainedModel, prompts: list[list[int]], *, eos_ids:
     # Decode steps run the base model and apply the head themselves (see thin_linear).
     head_VH = _fast_head(model)
     body = base_model(model) if head_VH is not None else None
-    lean = None
-    if (body is not None and multimodal is None and decode == "auto" and hasattr(cache, "layers")
-            and unsupported_reason(model) is None):
-        lean = LeanDecoder(model, cache, attn_BL, max_new_tokens, head_VH=head_VH)
+    decoder = None
+    if lean and body is not None and multimodal is None and hasattr(cache, "layers"):
+        decoder = LeanDecoder(model, cache, attn_BL, max_new_tokens, head_VH=head_VH)
     # One preallocated mask, sliced per step; none at all when no row is padded (text only).
     L0 = attn_BL.shape[1]
     mask_BL = None
-    if lean is None and (multimodal is not None or not bool(attn_BL.all())):
+    if decoder is None and (multimodal is not None or not bool(attn_BL.all())):
         mask_BL = torch.ones((B, L0 + max_new_tokens), dtype=attn_BL.dtype, device=device)
         mask_BL[:, :L0] = attn_BL
     pad_B = torch.full((B,), pad_id, dtype=torch.long, device=device)
@@ -169,16 +166,16 @@ def generate_batch(model: PreTrainedModel, prompts: list[list[int]], *, eos_ids:
         if t == max_new_tokens - 1 or (t >= min_new_tokens and bool(done_B.all())):
             break
         step_mask = None if mask_BL is None else mask_BL[:, : L0 + t + 1]
-        if lean is not None:
-            logits_BV = lean.head(lean.step(tok_B, next_pos_B1[:, 0])).float()
+        if decoder is not None:
+            logits_BV = decoder.head(decoder.step(tok_B, next_pos_B1[:, 0])).float()
         elif body is not None:
             out = body(input_ids=tok_B[:, None], attention_mask=step_mask, position_ids=next_pos_B1,
-                       past_key_values=cache, use_cache=True)
+                       **cache_kwargs(body, cache), use_cache=True)
             hidden_BH = (out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0])[:, -1, :]
             logits_BV = thin_linear(hidden_BH, head_VH).contiguous().float()
         else:
             out = model(input_ids=tok_B[:, None], attention_mask=step_mask, position_ids=next_pos_B1,
-                        past_key_values=cache, use_cache=True)
+                        **cache_kwargs(model, cache), use_cache=True)
             logits_BV = out.logits[:, -1, :V].float()
         next_pos_B1 = next_pos_B1 + 1
 
@@ -196,12 +193,16 @@ def generate_batch(model: PreTrainedModel, prompts: list[list[int]], *, eos_ids:
 def generate(model: PreTrainedModel, prompts: list[list[int]], cfg: RolloutConfig, *, n: int,
              eos_ids: set[int], pad_id: int, generator: torch.Generator | None = None,
              greedy: bool = False, multimodal: list | None = None,
-             suppress_ids: list[int] | None = None) -> list[list[Sample]]:
+             suppress_ids: list[int] | None = None, lean: bool | None = None) -> list[list[Sample]]:
     """n samples for each prompt, decoded in batches of `cfg.batch_size` sequences.
+
+    lean: decode steps on the lean CPU path (None: where `lean_decode_reason` allows it).
 
     Returns one list of n samples per prompt (the group). Sequences are sorted by prompt
     length before batching so rows in a batch need little padding.
     """
+    if lean is None:
+        lean = lean_decode_reason(model, cfg.decode) is None
     flat = [(i, p) for i, p in enumerate(prompts) for _ in range(n)]
     order = sorted(range(len(flat)), key=lambda j: len(flat[j][1]))
     results: list[Sample | None] = [None] * len(flat)
@@ -217,7 +218,7 @@ def generate(model: PreTrainedModel, prompts: list[list[int]], cfg: RolloutConfi
             batch = generate_batch(model, [flat[j][1] for j in idx], eos_ids=eos_ids, pad_id=pad_id,
                                    max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                                    top_p=cfg.top_p, min_new_tokens=cfg.min_new_tokens,
-                                   generator=generator, greedy=greedy, suppress_ids=suppress_ids, decode=cfg.decode,
+                                   generator=generator, greedy=greedy, suppress_ids=suppress_ids, lean=lean,
                                    multimodal=None if multimodal is None else [multimodal[flat[j][0]] for j in idx])
             for j, sample in zip(idx, batch):
                 results[j] = sample
@@ -229,3 +230,34 @@ def generate(model: PreTrainedModel, prompts: list[list[int]], cfg: RolloutConfi
     for (i, _), sample in zip(flat, results):
         groups[i].append(sample)
     return groups
+
+
+def lean_decode_reason(model: PreTrainedModel, decode: str) -> str | None:
+    """Why decode steps cannot take the lean CPU path (None: they can)."""
+    if decode == "hf":
+        return "rollout.decode=hf"
+    device = next(model.parameters()).device
+    if device.type != "cpu":
+        return f"the model is on {device.type}, and the lean path is a CPU path"
+    return unsupported_reason(model)
+
+
+class HFEngine(RolloutEngine):
+    """The batched KV-cache loop above, on the trainer's own module (no weight copy to sync)."""
+
+    support = EngineSupport(images=True, weight_sync="shared")
+
+    def __init__(self, cfg: RolloutConfig, student: LoadedModel, *, suppress_ids: list[int] | None = None):
+        super().__init__(cfg, student, suppress_ids=suppress_ids)
+        tok = student.tokenizer
+        self.eos_ids, self.pad_id = {tok.eos_token_id}, tok.pad_token_id
+        reason = lean_decode_reason(student.model, cfg.decode)
+        self.lean = reason is None
+        log.info("rollout: hf engine; decode steps on %s", "the lean CPU path" if self.lean
+                 else f"the model's forward ({reason})")
+
+    def sample(self, prompts: list[list[int]], n: int, *, multimodal: list | None = None, greedy: bool = False,
+               generator: torch.Generator | None = None) -> list[list[Sample]]:
+        return generate(self.student.model, prompts, self.cfg, n=n, eos_ids=self.eos_ids, pad_id=self.pad_id,
+                        generator=generator, greedy=greedy, multimodal=multimodal,
+                        suppress_ids=self.suppress_ids or None, lean=self.lean)

@@ -43,8 +43,8 @@ from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
 from uniopd.algo.losses.dense import forward_kl, generalized_jsd, mixed_kl, reverse_kl, upcast
-from uniopd.algo.losses.topk import topk_kl
-from uniopd.models.packed import can_pack, linear, pack
+from uniopd.algo.losses.topk import topk_kl, topk_kl_from_teacher_topk
+from uniopd.cpu.packed import can_pack, linear, pack
 
 __all__ = [
     "DENSE_LOSSES",
@@ -52,6 +52,8 @@ __all__ = [
     "chunked_dense_loss",
     "chunked_token_logprobs",
     "dense_loss",
+    "chunked_topk_logprobs",
+    "chunked_teacher_topk_loss",
     "iter_logit_chunks",
     "resolve_dense_loss",
 ]
@@ -363,3 +365,92 @@ def iter_logit_chunks(
         t_logits_1CV = linear(t_hidden_NH[start : start + chunk_size], teacher_head_VH)[None]
         mask_1C = torch.ones(s_logits_1CV.shape[:2], dtype=torch.bool, device=s_logits_1CV.device)
         yield s_logits_1CV, t_logits_1CV, mask_1C
+
+
+@torch.no_grad()
+def chunked_topk_logprobs(
+    hidden_NH: Tensor,
+    head_VH: Tensor,
+    k: int,
+    *,
+    chunk_size: int = 1024,
+    suppress_ids: list[int] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The k most likely tokens per position and their full-vocabulary log-probs.
+
+    Args:
+        hidden_NH: [N, H] final hidden states; head_VH: [V, H] output weight.
+        k: tokens per position (at most V).
+        suppress_ids: tokens given probability 0 (the distribution restricted to the rest).
+
+    Returns:
+        (ids_NK long, logp_NK float32), sorted by descending log-prob: what a serving engine's
+        top-k log-probs return, computed one [C, V] chunk at a time.
+    """
+    k = min(k, head_VH.shape[0])
+    ids, logps = [], []
+    for start in range(0, hidden_NH.shape[0], chunk_size):
+        logits_CV = linear(hidden_NH[start : start + chunk_size], head_VH).float()
+        if suppress_ids:
+            logits_CV[:, suppress_ids] = float("-inf")
+        top_CK = torch.log_softmax(logits_CV, dim=-1).topk(k, dim=-1)
+        ids.append(top_CK.indices)
+        logps.append(top_CK.values)
+    if not ids:
+        empty = hidden_NH.new_zeros((0, k))
+        return empty.long(), empty.float()
+    return torch.cat(ids), torch.cat(logps)
+
+
+def _teacher_topk_chunk_sum(
+    s_hidden_CH: Tensor, student_head_VH: Tensor, t_logp_CK: Tensor, t_ids_CK: Tensor, *, loss_kwargs: dict
+) -> Tensor:
+    s_logits_1CV = linear(s_hidden_CH, student_head_VH)[None]
+    ones_1C = torch.ones(s_logits_1CV.shape[:2], dtype=torch.bool, device=s_logits_1CV.device)
+    return topk_kl_from_teacher_topk(
+        s_logits_1CV, t_logp_CK[None], t_ids_CK[None], ones_1C, reduction="sum", **loss_kwargs
+    )
+
+
+def chunked_teacher_topk_loss(
+    student_hidden_NH: Tensor,
+    student_head_VH: Tensor,
+    teacher_topk_logp_NK: Tensor,
+    teacher_topk_ids_NK: Tensor,
+    mask_N: Tensor | None,
+    *,
+    chunk_size: int = 512,
+    **loss_kwargs,
+) -> Tensor:
+    """Token-mean `topk_kl_from_teacher_topk` over N positions, one chunk of student logits
+    alive at a time (checkpointed like `chunked_dense_loss`): the top-k loss for teachers
+    that return only their top-k (served teachers).
+
+    Args:
+        student_hidden_NH: [N, H]; student_head_VH: [V, H].
+        teacher_topk_logp_NK, teacher_topk_ids_NK: [N, K] the teacher's top-k.
+        mask_N: [N] bool valid positions (None: all).
+        **loss_kwargs: renormalize, tail, direction, temperature.
+    """
+    if "reduction" in loss_kwargs:
+        raise ValueError("chunked_teacher_topk_loss always reduces with a token-mean; drop `reduction`")
+    if teacher_topk_logp_NK.shape != teacher_topk_ids_NK.shape or teacher_topk_ids_NK.shape[0] != student_hidden_NH.shape[0]:
+        raise ValueError(
+            f"teacher top-k {tuple(teacher_topk_ids_NK.shape)} / {tuple(teacher_topk_logp_NK.shape)} "
+            f"does not match {student_hidden_NH.shape[0]} student positions"
+        )
+    fn = functools.partial(_teacher_topk_chunk_sum, loss_kwargs=loss_kwargs)
+    s_hidden_NH = _select_valid(student_hidden_NH, mask_N)
+    t_logp_NK = _select_valid(teacher_topk_logp_NK, mask_N)
+    t_ids_NK = _select_valid(teacher_topk_ids_NK, mask_N)
+    needs_grad = torch.is_grad_enabled() and (s_hidden_NH.requires_grad or student_head_VH.requires_grad)
+    total = upcast(s_hidden_NH[:0].sum() + student_head_VH[:0].sum())
+    n_valid = s_hidden_NH.shape[0]
+    for start in range(0, n_valid, chunk_size):
+        args = (s_hidden_NH[start : start + chunk_size], student_head_VH, t_logp_NK[start : start + chunk_size],
+                t_ids_NK[start : start + chunk_size])
+        if needs_grad:
+            total = total + checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=False)
+        else:
+            total = total + fn(*args)
+    return total / max(n_valid, 1)

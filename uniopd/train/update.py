@@ -14,12 +14,14 @@ from dataclasses import dataclass
 
 import torch
 
-from uniopd.algo.losses.chunked import chunked_dense_loss
+from uniopd.algo.losses.chunked import chunked_dense_loss, chunked_teacher_topk_loss
+from uniopd.algo.losses.registry import loss_kind
 from uniopd.algo.losses.sampled import ppo_clip_loss
 from uniopd.batch import StepBatch
 from uniopd.config import LossConfig, TrainerConfig
 from uniopd.models.forward import build_layout, output_head, response_logprobs
 from uniopd.models.loading import LoadedModel
+from uniopd.train.strategy import SingleProcess, TrainingStrategy
 
 
 class MicroBatchOOM(RuntimeError):
@@ -32,45 +34,40 @@ class UpdateResult:
     skipped_steps: int  # optimizer steps skipped for non-finite values
 
 
-def dense_loss_options(cfg: LossConfig) -> tuple[str, dict]:
-    """The registered dense-loss name and its keyword options for `loss.kind`."""
-    if cfg.kind == "full":
-        return ("full_reverse" if cfg.direction == "reverse" else "full_forward"), {"temperature": cfg.temperature}
-    if cfg.kind == "jsd":
-        return "jsd", {"beta": cfg.beta, "temperature": cfg.temperature}
-    if cfg.kind == "mix":
-        return "mix", {"forward_weight": cfg.forward_weight, "temperature": cfg.temperature}
-    if cfg.kind == "topk":
-        return "topk", {"k": cfg.topk, "source": cfg.topk_source, "renormalize": cfg.topk_renormalize,
-                        "tail": cfg.topk_tail, "direction": cfg.direction, "temperature": cfg.temperature}
-    raise ValueError(f"loss.kind={cfg.kind!r} is not a dense loss")
-
-
 def _tokens_by_teacher(batch: StepBatch, rows: list[int], device: torch.device, *,
-                       by_domain: bool = False) -> dict:
+                       by_domain: bool = False, topk: bool = False) -> dict:
     """For each teacher (or each (teacher, domain) when by_domain): (indices into the
-    micro-batch's flat tokens, the teacher's hidden states there [n, H_teacher]).
+    micro-batch's flat tokens, the teacher's hidden states there [n, H_teacher]), over the
+    rows whose teacher returned hidden states; with topk, (indices, (top-k ids [n, K],
+    top-k log-probs [n, K])) over the rows whose teacher returned only its top-k.
 
     Teachers may differ in width, so their hidden states are only ever stacked per teacher.
     """
     index: dict = {}
-    hidden: dict = {}
+    values: dict = {}
     offset = 0
     for r in rows:
         n = len(batch.samples[r].response_ids)
-        key = (batch.teacher_names[r], batch.records[r].domain) if by_domain else batch.teacher_names[r]
-        index.setdefault(key, []).extend(range(offset, offset + n))
-        hidden.setdefault(key, []).append(batch.teacher_hidden[r])
+        value = batch.teacher_topk.get(r) if topk else batch.teacher_hidden.get(r)
+        if value is not None:
+            key = (batch.teacher_names[r], batch.records[r].domain) if by_domain else batch.teacher_names[r]
+            index.setdefault(key, []).extend(range(offset, offset + n))
+            values.setdefault(key, []).append(value)
         offset += n
-    return {key: (torch.tensor(index[key], device=device), torch.cat(hidden[key]).to(device))
+    if topk:
+        return {key: (torch.tensor(index[key], device=device),
+                      (torch.cat([v[0] for v in values[key]]).to(device), torch.cat([v[1] for v in values[key]]).to(device)))
+                for key in sorted(index)}
+    return {key: (torch.tensor(index[key], device=device), torch.cat(values[key]).to(device))
             for key in sorted(index)}
 
 
 def _dense_loss_sum(student_hidden_NH: torch.Tensor, student_head: torch.Tensor, batch: StepBatch, rows: list[int],
                     teacher_heads: dict[str, torch.Tensor], mask_N: torch.Tensor, cfg: LossConfig,
                     vocab_size: int) -> torch.Tensor:
-    """Sum (not mean) of the configured dense loss over this micro-batch's tokens, per teacher."""
-    name_kind, opts = dense_loss_options(cfg)
+    """Sum (not mean) of the configured dense loss over this micro-batch's tokens, per teacher:
+    from the teacher's hidden states and head, or (top-k loss only) from its returned top-k."""
+    name_kind, opts = loss_kind(cfg.kind).dense(cfg)
     total = student_hidden_NH.new_zeros((), dtype=torch.float32)
     for name, (idx_n, teacher_hidden_nH) in _tokens_by_teacher(batch, rows, mask_N.device).items():
         valid_n = mask_N[idx_n]
@@ -80,6 +77,17 @@ def _dense_loss_sum(student_hidden_NH: torch.Tensor, student_head: torch.Tensor,
             mean = chunked_dense_loss(student_hidden_NH[idx_n], student_head[:vocab_size], teacher_hidden_nH,
                                       teacher_heads[name][:vocab_size], valid_n, name_kind,
                                       chunk_size=cfg.chunk_size, **opts)
+            total = total + mean * n
+    for name, (idx_n, (ids_nK, logp_nK)) in _tokens_by_teacher(batch, rows, mask_N.device, topk=True).items():
+        valid_n = mask_N[idx_n]
+        n = int(valid_n.sum())
+        if n:
+            # The teacher's top-k is sorted by log-prob: its first loss.topk entries are the loss's top-k.
+            mean = chunked_teacher_topk_loss(student_hidden_NH[idx_n], student_head[:vocab_size],
+                                             logp_nK[:, : cfg.topk], ids_nK[:, : cfg.topk], valid_n,
+                                             chunk_size=cfg.chunk_size, renormalize=cfg.topk_renormalize,
+                                             tail=cfg.topk_tail, direction=cfg.direction,
+                                             temperature=cfg.temperature)
             total = total + mean * n
     return total
 
@@ -111,16 +119,21 @@ def policy_update(student: LoadedModel, batch: StepBatch, optimizer: torch.optim
                   loss_cfg: LossConfig, trainer_cfg: TrainerConfig, prompt_ids: list[list[int]],
                   temperature: float, teacher_heads: dict[str, torch.Tensor] | None = None,
                   diagnostics: bool = False, multimodal: list | None = None,
-                  suppress_ids: list[int] | None = None, share_prefix: bool = True) -> UpdateResult:
-    """multimodal: per-row vision inputs of a vision-language student (None: text);
+                  suppress_ids: list[int] | None = None, share_prefix: bool = True,
+                  strategy: TrainingStrategy | None = None) -> UpdateResult:
+    """teacher_heads: output heads of the teachers whose rows carry hidden states (dense
+    losses and diagnostics); diagnostics run on those rows only.
+    multimodal: per-row vision inputs of a vision-language student (None: text);
     suppress_ids: tokens the rollout never samples (see `uniopd.models.multimodal`);
-    share_prefix: run prompt tokens that rows of a micro-batch share once (`uniopd.models.prefix`)."""
+    share_prefix: run prompt tokens that rows of a micro-batch share once (`uniopd.models.prefix`);
+    strategy: how gradient norms are reduced (default: one process)."""
+    strategy = strategy or SingleProcess()
     model = student.model
     device = next(model.parameters()).device
     assert batch.adv_BT is not None and batch.keep_B is not None
     mask_BT = batch.mask_BT & batch.keep_B[:, None]
     rows = [b for b in range(batch.size) if bool(mask_BT[b].any())]
-    dense = loss_cfg.kind != "sampled"
+    dense = loss_kind(loss_cfg.kind).is_dense
     diag_sums: list[tuple[str, dict[str, float]]] = []
     sums = {"loss": 0.0, "pg_loss": 0.0, "dense_loss": 0.0, "clip_frac": 0.0, "approx_kl": 0.0,
             "grad_norm": 0.0}
@@ -154,7 +167,7 @@ def policy_update(student: LoadedModel, batch: StepBatch, optimizer: torch.optim
                     diag_sums += _diagnostic_sums(hidden_NH, output_head(model), batch, micro, teacher_heads or {},
                                                   mask_N, loss_cfg.topk, student.vocab_size, loss_cfg.chunk_size)
                 loss = logp_N.new_zeros(())
-                if loss_cfg.kind == "sampled" or loss_cfg.outcome_weight:
+                if not dense or loss_cfg.outcome_weight:
                     # With a dense loss the sampled-token term carries only the outcome advantage.
                     adv_N = batch.adv_BT[idx].to(device)
                     pg, stats = ppo_clip_loss(logp_N, batch.old_logp_BT[idx].to(device), adv_N, mask_N,
@@ -183,8 +196,7 @@ def policy_update(student: LoadedModel, batch: StepBatch, optimizer: torch.optim
                 finite = False
                 break
             sums["loss"] += loss.item()
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            model.parameters(), trainer_cfg.grad_clip if trainer_cfg.grad_clip > 0 else float("inf"))
+        grad_norm = strategy.clip_grad_norm(model, trainer_cfg.grad_clip if trainer_cfg.grad_clip > 0 else float("inf"))
         if not finite or not torch.isfinite(grad_norm):
             optimizer.zero_grad(set_to_none=True)
             skipped += 1

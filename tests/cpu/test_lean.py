@@ -5,8 +5,8 @@ import torch
 from helpers import DIMS, FAMILIES, family_model as _model
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
-from uniopd.rollout.hf import generate_batch
-from uniopd.rollout.lean import unsupported_reason
+from uniopd.rollout.hf import generate_batch, lean_decode_reason
+from uniopd.cpu.lean import unsupported_reason
 
 PROMPTS = [[2, 5, 9, 14, 30, 31, 7], [2, 44], [2, 60, 61, 62]]  # different lengths: rows are left-padded
 
@@ -31,7 +31,7 @@ def test_lean_decode_matches_a_full_forward_of_the_sampled_sequence(family):
 def test_lean_and_hf_decode_draw_the_same_tokens(family):
     model = _model(family)
     runs = {d: generate_batch(model, PROMPTS, eos_ids={1}, pad_id=0, max_new_tokens=10, top_p=0.9,
-                              generator=torch.Generator().manual_seed(11), decode=d) for d in ("auto", "hf")}
+                              generator=torch.Generator().manual_seed(11), lean=lean_decode_reason(model, d) is None) for d in ("auto", "hf")}
     assert [s.response_ids for s in runs["auto"]] == [s.response_ids for s in runs["hf"]]
     for a, b in zip(runs["auto"], runs["hf"]):
         torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=2e-5, rtol=0)
@@ -54,7 +54,7 @@ def test_other_architectures_decode_through_their_own_forward():
 def test_lean_decode_in_bfloat16_draws_the_model_forwards_tokens(family):
     model = _model(family).to(torch.bfloat16)
     runs = {d: generate_batch(model, PROMPTS, eos_ids={1}, pad_id=0, max_new_tokens=10, min_new_tokens=10,
-                              generator=torch.Generator().manual_seed(11), decode=d) for d in ("auto", "hf")}
+                              generator=torch.Generator().manual_seed(11), lean=lean_decode_reason(model, d) is None) for d in ("auto", "hf")}
     assert [s.response_ids for s in runs["auto"]] == [s.response_ids for s in runs["hf"]]
     for prompt, s in zip(PROMPTS, runs["auto"]):
         with torch.no_grad():
@@ -72,7 +72,7 @@ def test_a_rope_that_changes_with_the_sequence_length_is_asked_each_step():
     model = LlamaForCausalLM(LlamaConfig(**{**DIMS, "max_position_embeddings": 8},
                                          rope_scaling={"rope_type": "dynamic", "factor": 2.0})).eval()
     runs = {d: generate_batch(model, PROMPTS, eos_ids={1}, pad_id=0, max_new_tokens=12, min_new_tokens=12,
-                              temperature=0.8, generator=torch.Generator().manual_seed(5), decode=d)
+                              temperature=0.8, generator=torch.Generator().manual_seed(5), lean=lean_decode_reason(model, d) is None)
             for d in ("auto", "hf")}
     assert [s.response_ids for s in runs["auto"]] == [s.response_ids for s in runs["hf"]]
     for a, b in zip(runs["auto"], runs["hf"]):

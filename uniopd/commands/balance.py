@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 from collections import Counter
@@ -19,14 +20,16 @@ import torch
 
 from uniopd.algo.balance import difficulty_balance, pass_rate_histogram
 from uniopd.algo.balance_plot import save_histogram_png
-from uniopd.config import RunConfig
+from uniopd.commands.common import add_config_args
+from uniopd.config import RunConfig, load_config
 from uniopd.data.loader import write_records
+from uniopd.data.prompts import load_prompt_records, prepare_prompts
 from uniopd.data.records import PromptRecord
 from uniopd.models.loading import load_model
-from uniopd.rewards import verify_batch
-from uniopd.rollout.hf import generate
-from uniopd.setup import load_prompt_records, prepare_prompts
-from uniopd.utils import resolve_device, seed_everything
+from uniopd.models.multimodal import StudentVision
+from uniopd.rollout.base import build_rollout_engine
+from uniopd.rollout.collect import ResponseVerifier, sample_and_verify
+from uniopd.runtime import resolve_device, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +52,10 @@ def estimate_pass_rates(cfg: RunConfig, records: list[PromptRecord], cache_path:
         return done
     device = resolve_device(cfg.trainer.device)
     student = load_model(cfg.model, "model", device=device, trainable=False)
-    from uniopd.models.multimodal import StudentVision
-
     tok = student.tokenizer
     vision = StudentVision.of(student, cfg.model)  # None for text models
+    engine = build_rollout_engine(cfg.rollout, student, suppress_ids=vision.suppress_ids if vision else None)
+    verifier = ResponseVerifier(tok, cfg.data.domain_verifiers)
     todo, prompt_ids, _ = prepare_prompts(todo, tok, cfg.model, cfg.data, encode=vision.ids if vision else None)
     generator = torch.Generator(device).manual_seed(cfg.trainer.seed)
     k = cfg.balance.offline_k
@@ -65,15 +68,11 @@ def estimate_pass_rates(cfg: RunConfig, records: list[PromptRecord], cache_path:
     with open(cache_path, "a") as fh:
         for start in range(0, len(todo), chunk_prompts):
             recs = todo[start: start + chunk_prompts]
-            groups = generate(student.model, prompt_ids[start: start + chunk_prompts], cfg.rollout, n=k,
-                              eos_ids={tok.eos_token_id}, pad_id=tok.pad_token_id, generator=generator,
-                              multimodal=vision.inputs(recs) if vision else None,
-                              suppress_ids=vision.suppress_ids if vision else None)
-            texts = tok.batch_decode([s.response_ids for g in groups for s in g], skip_special_tokens=True)
-            outcomes = verify_batch(texts, [r for r in recs for _ in range(k)],
-                                    domain_defaults=cfg.data.domain_verifiers or None)
+            done_now = sample_and_verify(engine, recs, prompt_ids[start: start + chunk_prompts], k,
+                                         verifier=verifier, vision=vision, generator=generator)
+            correct = done_now.correct_B.tolist()
             for i, rec in enumerate(recs):
-                rate = sum(o.correct for o in outcomes[i * k:(i + 1) * k]) / k
+                rate = sum(correct[i * k:(i + 1) * k]) / k
                 done[rec.id] = rate
                 fh.write(json.dumps({"id": rec.id, "pass_rate": rate}) + "\n")
             fh.flush()
@@ -117,3 +116,17 @@ def run_offline_balance(cfg: RunConfig, out_path: Path, work_dir: Path | None = 
                "out": str(out_path), "png": str(png)}
     print(json.dumps(summary))
     return summary
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("balance", help="offline difficulty-aware balancing of a prompt file")
+    add_config_args(p)
+    p.add_argument("--out", required=True, help="balanced JSONL to write (a PNG histogram goes beside it)")
+    p.add_argument("--work-dir", help="where pass-rate estimates are kept for resuming")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, list(args.overrides))
+    run_offline_balance(cfg, out_path=Path(args.out), work_dir=Path(args.work_dir) if args.work_dir else None)
+    return 0

@@ -1,8 +1,10 @@
 """The OPD training loop.
 
-One step:  prompts → rollout (student, n per prompt) → verify (outcomes) → online balance
-→ teacher scoring (routed by domain, teacher view) → token advantages → margin calibration
-→ PPO update → metrics / checkpoint.  Each phase is one call; nothing reaches back upstream.
+One step:  prompts → rollout engine (student, n per prompt) → verify (outcomes) → online
+balance → teacher scorers (routed by domain, teacher view) → token advantages → margin
+calibration → update → engine weight sync → metrics / checkpoint. Each phase is one call on a
+seam (`RolloutEngine`, `TeacherScorer`, the loss registry, `TrainingStrategy`); nothing
+reaches back upstream.
 """
 
 from __future__ import annotations
@@ -16,23 +18,24 @@ from typing import Any
 
 import torch
 
-from uniopd.algo.advantages import outcome_advantages, reverse_kl_advantages
 from uniopd.batch import StepBatch
-from uniopd.checkpoint import find_resumable, load_trainer_state, save_checkpoint
 from uniopd.config import RunConfig, save_config
+from uniopd.data.prompts import load_prompt_records, prepare_prompts
 from uniopd.data.records import PromptRecord
 from uniopd.data.sampler import PromptSampler
-from uniopd.logger import MetricsLogger
-from uniopd.models.forward import output_head
-from uniopd.models.loading import LoadedModel, check_vocabularies, load_model
-from uniopd.rewards import verify_batch
-from uniopd.rollout.hf import Sample, generate
-from uniopd.setup import load_prompt_records, prepare_prompts
-from uniopd.teachers.local import LocalTeacher
+from uniopd.models.loading import LoadedModel, load_model
+from uniopd.models.multimodal import StudentVision
+from uniopd.rollout.base import build_rollout_engine
+from uniopd.rollout.collect import ResponseVerifier, collect_step
+from uniopd.runtime import rng_state, set_rng_state, setup_process
+from uniopd.teachers.base import ScorerContext, TeacherScorer, scorer_class
 from uniopd.teachers.router import Router
 from uniopd.teachers.views import check_views
-from uniopd.update import policy_update
-from uniopd.utils import reuse_freed_cpu_memory, rng_state, resolve_device, seed_everything, set_rng_state
+from uniopd.train.logger import MetricsLogger
+from uniopd.train.plan import plan_teachers
+from uniopd.train.strategy import build_strategy
+from uniopd.train.token_advantages import token_advantages
+from uniopd.train.update import policy_update
 
 log = logging.getLogger(__name__)
 
@@ -44,13 +47,12 @@ class TrainingStopped(RuntimeError):
 class Trainer:
     def __init__(self, cfg: RunConfig, *, records: list[PromptRecord] | None = None,
                  student: LoadedModel | None = None, teachers: dict[str, LoadedModel] | None = None):
+        """records / student / teachers: given in code instead of loaded from the config (tests, demo)."""
         self.cfg = cfg
-        if cfg.trainer.threads:
-            torch.set_num_threads(cfg.trainer.threads)
-        seed_everything(cfg.trainer.seed)
-        self.device = resolve_device(cfg.trainer.device)
-        if self.device.type == "cpu" and cfg.trainer.reuse_cpu_memory:
-            reuse_freed_cpu_memory()
+        # Impossible backend / loss / diagnostics combinations fail here, before any model loads.
+        self.plan = plan_teachers(cfg)
+        self.strategy = build_strategy(cfg.trainer.strategy)
+        self.device = setup_process(cfg.trainer)
         self.run_dir = Path(cfg.trainer.output_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
 
@@ -60,12 +62,18 @@ class Trainer:
         check_views(records, self.router.teacher_for, cfg.teachers)  # e.g. image_text view without image_text
 
         self.student = student or load_model(cfg.model, "model", device=self.device)
-        self._setup_vision()
-        self.teachers = self._load_teachers(teachers or {})
+        self.student.model = self.strategy.prepare_model(self.student.model)
+        # A vision-language student encodes prompts with its processor and never samples image
+        # placeholder tokens; a text student has no `vision` (the text path).
+        self.vision = StudentVision.of(self.student, cfg.model)
+        self.suppress_ids = self.vision.suppress_ids if self.vision else []
+        self.engine = build_rollout_engine(cfg.rollout, self.student, suppress_ids=self.suppress_ids)
+        self.verifier = ResponseVerifier(self.student.tokenizer, cfg.data.domain_verifiers)
+        self.teachers = self._build_teachers(teachers or {})
         check_views(records, self.router.teacher_for, cfg.teachers,
-                    vision_teachers={n for n, t in self.teachers.items() if t.loaded.is_multimodal})
+                    vision_teachers={n for n, t in self.teachers.items() if t.sees_images})
         self.records, self.prompt_ids, self.prompt_stats = prepare_prompts(
-            records, self.student.tokenizer, cfg.model, cfg.data, encode=self._encode)
+            records, self.student.tokenizer, cfg.model, cfg.data, encode=self.vision.ids if self.vision else None)
         self._ids_by_record = {r.id: ids for r, ids in zip(self.records, self.prompt_ids)}
 
         # fused: one kernel over all parameters (the default on CPU is a per-tensor Python loop, ~7x slower).
@@ -83,40 +91,21 @@ class Trainer:
         self.bad_steps = 0
         self._stop_signal: int | None = None
         self._eval_records: list[PromptRecord] | None = None
-        save_config(cfg, self.run_dir / "config.yaml")
+        if self.strategy.is_main:
+            save_config(cfg, self.run_dir / "config.yaml")
 
-    # ------------------------------------------------------------------ setup helpers
-    def _setup_vision(self) -> None:
-        """A vision-language student encodes prompts with its processor and never samples image
-        placeholder tokens; a text student leaves `vision` None (the text path, unchanged)."""
-        from uniopd.models.multimodal import StudentVision
-
-        self.vision = StudentVision.of(self.student, self.cfg.model)
-        self._encode = self.vision.ids if self.vision else None
-        self.suppress_ids = self.vision.suppress_ids if self.vision else []
+    def _build_teachers(self, given: dict[str, LoadedModel]) -> dict[str, TeacherScorer]:
+        out = {}
+        for name, tcfg in self.cfg.teachers.items():
+            ctx = ScorerContext(self.student, self.device, chunk_size=self.cfg.loss.chunk_size,
+                                micro_batch_size=self.cfg.trainer.micro_batch_size,
+                                suppress_ids=list(self.suppress_ids), preloaded=given.get(name))
+            out[name] = scorer_class(name, tcfg).from_config(name, tcfg, ctx)
+        return out
 
     def vision_inputs(self, records: list[PromptRecord]) -> list | None:
         """Per-record vision inputs of a vision-language student; None for a text student."""
         return self.vision.inputs(records) if self.vision else None
-
-    def _load_teachers(self, given: dict[str, LoadedModel]) -> dict[str, LocalTeacher]:
-        out = {}
-        for name, tcfg in self.cfg.teachers.items():
-            if name in given:
-                loaded = given[name]
-            elif tcfg.self_distill:
-                import copy
-
-                model = copy.deepcopy(self.student.model).eval().requires_grad_(False)
-                loaded = LoadedModel(model, self.student.tokenizer, f"{self.student.source} (frozen copy)",
-                                     processor=self.student.processor)
-            else:
-                loaded = load_model(tcfg, f"teachers.{name}", device=self.device, trainable=False)
-            check_vocabularies(self.student, loaded, name)
-            out[name] = LocalTeacher(name, tcfg, loaded, chunk_size=self.cfg.loss.chunk_size,
-                                     micro_batch_size=self.cfg.trainer.micro_batch_size,
-                                     suppress_ids=self.suppress_ids)
-        return out
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
@@ -127,19 +116,17 @@ class Trainer:
 
     def save(self) -> Path:
         # A VLM's processor saves its tokenizer, image processor and chat template together.
-        return save_checkpoint(self.run_dir, self.step_idx, self.student.model,
-                               self.student.processor or self.student.tokenizer,
-                               self.state_dict(), keep=self.cfg.trainer.keep_checkpoints)
+        return self.strategy.save(self.run_dir, self.step_idx, self.student.model,
+                                  self.student.processor or self.student.tokenizer, self.state_dict(),
+                                  keep=self.cfg.trainer.keep_checkpoints)
 
     def resume(self) -> bool:
         """Continue from the newest verified checkpoint in the run directory, if any."""
-        path = find_resumable(self.run_dir)
-        if path is None:
+        found = self.strategy.load_latest(self.run_dir, self.student.model)
+        if found is None:
             return False
-        from uniopd.models.weights import load_weights
-
-        load_weights(self.student.model, path)
-        state = load_trainer_state(path)
+        path, state = found
+        self.engine.update_weights(self.student.model)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.sampler.load_state_dict(state["sampler"])
@@ -151,27 +138,14 @@ class Trainer:
         return True
 
     # ------------------------------------------------------------------ one step, phase by phase
-    def rollout(self, indices: list[int], n: int) -> list[list[Sample]]:
-        tok = self.student.tokenizer
-        return generate(self.student.model, [self.prompt_ids[i] for i in indices], self.cfg.rollout, n=n,
-                        eos_ids={tok.eos_token_id}, pad_id=tok.pad_token_id, generator=self.generator,
-                        multimodal=self.vision_inputs([self.records[i] for i in indices]),
-                        suppress_ids=self.suppress_ids or None)
-
-    def verify(self, records: list[PromptRecord], samples: list[Sample]) -> tuple[torch.Tensor, torch.Tensor]:
-        texts = self.student.tokenizer.batch_decode([s.response_ids for s in samples], skip_special_tokens=True)
-        outcomes = verify_batch(texts, records, domain_defaults=self.cfg.data.domain_verifiers or None)
-        return (torch.tensor([o.correct for o in outcomes], dtype=torch.bool),
-                torch.tensor([o.score for o in outcomes], dtype=torch.float32))
-
     def collect(self, indices: list[int]) -> tuple[StepBatch, dict[str, float]]:
         """Rollout + verify, with correctness-aware oversampling and selection when enabled."""
-        from uniopd.balance_online import collect_balanced
+        return collect_step(self.engine, [self.records[i] for i in indices], [self.prompt_ids[i] for i in indices],
+                            n=self.cfg.rollout.n, balance=self.cfg.balance, verifier=self.verifier,
+                            vision=self.vision, generator=self.generator, generator_cpu=self.generator_cpu)
 
-        return collect_balanced(self, indices)
-
-    def score(self, batch: StepBatch, *, return_hidden: bool = False) -> None:
-        """Teacher log-probs for every response token, each row scored by its routed teacher."""
+    def score(self, batch: StepBatch) -> None:
+        """Teacher scores for every response token, each row scored by its routed teacher."""
         batch.teacher_names = [self.router.teacher_for(r) for r in batch.records]
         teacher_logp_BT = torch.zeros_like(batch.old_logp_BT)
         for name, teacher in self.teachers.items():
@@ -179,38 +153,31 @@ class Trainer:
             if not rows:
                 continue
             scores = teacher.score([batch.records[b] for b in rows], [batch.samples[b].response_ids for b in rows],
-                                   return_hidden=return_hidden)
+                                   want=self.plan.want[name])
             lengths = [len(batch.samples[b].response_ids) for b in rows]
-            for b, logp, hid in zip(rows, scores.logp_N.cpu().split(lengths),
-                                    scores.hidden_NH.split(lengths) if return_hidden else [None] * len(rows)):
+            hidden = scores.hidden_NH.split(lengths) if scores.hidden_NH is not None else [None] * len(rows)
+            topk = (list(zip(scores.topk_ids_NK.split(lengths), scores.topk_logp_NK.split(lengths)))
+                    if scores.topk_ids_NK is not None else [None] * len(rows))
+            for b, logp, hid, top in zip(rows, scores.logp_N.cpu().split(lengths), hidden, topk):
                 teacher_logp_BT[b, : len(logp)] = logp
                 if hid is not None:
                     batch.teacher_hidden[b] = hid
+                if top is not None:
+                    batch.teacher_topk[b] = top
         batch.teacher_logp_BT = teacher_logp_BT
 
-    def advantages(self, batch: StepBatch) -> dict[str, float]:
-        """Token advantages, then margin calibration; returns the calibration metrics."""
-        from uniopd.calibrate import calibrate
-
-        lc = self.cfg.loss
-        adv_BT = reverse_kl_advantages(batch.old_logp_BT, batch.teacher_logp_BT, batch.mask_BT, kl_coef=lc.kl_coef)
-        batch.adv_BT, batch.keep_B, metrics = calibrate(adv_BT, batch, self.cfg.calibration)
-        if lc.outcome_weight:
-            out_B = outcome_advantages(batch.score_B, batch.group_ids_B, baseline=lc.outcome_baseline)
-            batch.adv_BT = batch.adv_BT + lc.outcome_weight * out_B[:, None] * batch.mask_BT
-        return metrics
-
     def update(self, batch: StepBatch) -> dict[str, float]:
-        heads = {n: output_head(t.model) for n, t in self.teachers.items()} if self.needs_teacher_hidden else None
+        heads = {n: t.output_head() for n, t in self.teachers.items() if self.plan.needs_hidden(n)}
         prompt_ids = [self.prompt_ids_for(r) for r in batch.records]
         result = policy_update(self.student, batch, self.optimizer, loss_cfg=self.cfg.loss,
                                trainer_cfg=self.cfg.trainer, prompt_ids=prompt_ids,
                                temperature=self.cfg.rollout.temperature, teacher_heads=heads,
                                diagnostics=self.cfg.logging.diagnostics,
                                multimodal=self.vision_inputs(batch.records), suppress_ids=self.suppress_ids or None,
-                               share_prefix=self.cfg.model.share_prompt_prefix)
+                               share_prefix=self.cfg.model.share_prompt_prefix, strategy=self.strategy)
         if result.skipped_steps < self.cfg.trainer.mini_batches:
             self.scheduler.step()  # a step whose updates were all skipped does not advance the schedule
+            self.engine.update_weights(self.student.model)
         if result.skipped_steps:
             self.bad_steps += 1
             if self.bad_steps >= self.cfg.trainer.max_bad_steps:
@@ -221,27 +188,22 @@ class Trainer:
         result.metrics["update/skipped"] = float(result.skipped_steps)
         return result.metrics
 
-    @property
-    def needs_teacher_hidden(self) -> bool:
-        """Dense losses and the token diagnostics need the teacher's hidden states (N x H, small)."""
-        return self.cfg.loss.kind != "sampled" or self.cfg.logging.diagnostics
-
     def prompt_ids_for(self, record: PromptRecord) -> list[int]:
         return self._ids_by_record[record.id]
 
     def step(self) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         timings: dict[str, float] = {}
         t = time.perf_counter()
-        indices = self.sampler.next(self.cfg.rollout.prompts_per_step)
+        indices = self.strategy.shard(self.sampler.next(self.cfg.rollout.prompts_per_step))
         batch, balance_metrics = self.collect(indices)
         timings["time/rollout"] = time.perf_counter() - t - balance_metrics["time/verify"]
 
         t = time.perf_counter()
-        self.score(batch, return_hidden=self.needs_teacher_hidden)
+        self.score(batch)
         timings["time/teacher"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        calib_metrics = self.advantages(batch)
+        calib_metrics = token_advantages(batch, self.cfg.loss, self.cfg.calibration)
         update_metrics = self.update(batch)
         timings["time/update"] = time.perf_counter() - t
 
@@ -324,5 +286,5 @@ class Trainer:
             self._eval_records = load_prompt_records(self.cfg.data, self.cfg.data.eval)
         result = evaluate_model(self.student, self._eval_records, self.cfg.rollout, self.cfg.model, self.cfg.data,
                                 k=self.cfg.trainer.eval_n, generator=torch.Generator(self.device).manual_seed(0),
-                                progress=False)
+                                progress=False, engine=self.engine)
         return {f"eval/{k}": v for k, v in result["metrics"].items()}

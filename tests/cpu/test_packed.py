@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from uniopd.models import packed
-from uniopd.models.packed import can_pack, linear, packed_linears, packed_weight
+from uniopd.cpu import packed
+from uniopd.cpu.packed import can_pack, linear, packed_linears, packed_weight
 
 pytestmark = pytest.mark.skipif(not can_pack(torch.zeros(2, 2)), reason="this torch has no oneDNN linear ops")
 

@@ -10,29 +10,17 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 
+from uniopd.config import SFTConfig
 from uniopd.models.forward import build_layout, response_logprobs
 from uniopd.models.loading import LoadedModel
 
 
-@dataclass
-class SFTConfig:
-    steps: int = 1000
-    batch_size: int = 64
-    lr: float = 1e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 50
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    seed: int = 0
-    chunk_size: int = 1024
-
-
-def sft_train(loaded: LoadedModel, pairs: list[tuple[list[int], list[int]]], cfg: SFTConfig, *,
-              progress: bool = True, should_stop: Callable[[int], bool] | None = None) -> list[float]:
+def sft_train(loaded: LoadedModel, pairs: list[tuple[list[int], list[int]]], cfg: SFTConfig, *, seed: int = 0,
+              chunk_size: int = 1024, progress: bool = True,
+              should_stop: Callable[[int], bool] | None = None) -> list[float]:
     """Train on pairs of (prompt ids, response ids incl. EOS). Returns the loss per step.
 
     `should_stop(steps_done)` runs after every optimizer step; when it returns True training
@@ -51,7 +39,7 @@ def sft_train(loaded: LoadedModel, pairs: list[tuple[list[int], list[int]]], cfg
         return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
-    rng = random.Random(cfg.seed)
+    rng = random.Random(seed)
     order: list[int] = []
     losses = []
     bar = None
@@ -68,7 +56,7 @@ def sft_train(loaded: LoadedModel, pairs: list[tuple[list[int], list[int]]], cfg
         idx, order = order[: cfg.batch_size], order[cfg.batch_size:]
         layout = build_layout([pairs[i][0] for i in idx], [pairs[i][1] for i in idx],
                               loaded.tokenizer.pad_token_id, device)
-        logp_N, _ = response_logprobs(model, layout, chunk_size=cfg.chunk_size)
+        logp_N, _ = response_logprobs(model, layout, chunk_size=chunk_size)
         loss = -logp_N.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -6,7 +6,8 @@ import torch
 
 from uniopd.config import ModelConfig
 from uniopd.models.loading import load_model
-from uniopd.sft import SFTConfig, sft_train
+from uniopd.config import SFTConfig
+from uniopd.train.sft import sft_train
 
 
 def _pairs(tok):
@@ -35,7 +36,7 @@ def test_training_memorises_a_tiny_set(tiny_student_dir):
     loaded = load_model(ModelConfig(path=str(tiny_student_dir), chat_template=False), trainable=True)
     before = {n: p.detach().clone() for n, p in loaded.model.named_parameters()}
     losses = sft_train(loaded, _pairs(loaded.tokenizer),
-                       SFTConfig(steps=60, batch_size=4, lr=1e-2, warmup_steps=5, seed=3), progress=False)
+                       SFTConfig(steps=60, batch_size=4, lr=1e-2, warmup_steps=5), seed=3, progress=False)
     assert losses[-1] < 0.3 * losses[0], losses[::10]
     assert any(not torch.equal(before[n], p) for n, p in loaded.model.named_parameters())
     assert not loaded.model.training  # handed back in eval mode

@@ -10,7 +10,7 @@ the same computation as the model's own forward, on its own weights and rotary m
 so the tokens and log-probs agree with it to float rounding (tests/rollout/test_lean.py).
 What differs is the cost (issue 7's decode profile at B = 8 on CPU): on CPU in fp32 every
 weight (body and output head) is packed once per `generate_batch` call for oneDNN
-(`uniopd.models.packed`: MKL's GEMM with 8 rows read weights at 4 to 7 GB/s of the 20 to
+(`uniopd.cpu.packed`: MKL's GEMM with 8 rows read weights at 4 to 7 GB/s of the 20 to
 24 a plain read gets), 1.5 to 1.8x faster per step than the model's forward measured side
 by side (`benchmarks/decode_step.py`), at the price of a second copy of the student's
 weights while decoding. That copy stacks q/k/v and gate/up into one matrix each, so a
@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from uniopd.models.families import full_attention_llama_reason
-from uniopd.models.packed import can_pack, pack, packed_linear, thin_linear
+from uniopd.cpu.packed import can_pack, pack, packed_linear, thin_linear
 
 PACK_MIN_STEPS = 8  # packing costs about as much as two decode steps: not worth it for a few tokens
 _POSITION_DEPENDENT_ROPE = ("dynamic", "longrope")  # their cos/sin change with the longest position seen

@@ -5,7 +5,7 @@ import pytest
 from uniopd.config import load_config
 from uniopd.data.records import PromptRecord
 from uniopd.demo.tokenizer import char_tokenizer
-from uniopd.setup import PromptTooLong, prepare_prompts
+from uniopd.data.prompts import PromptTooLong, prepare_prompts
 
 
 def _records():

@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 from helpers import make_tiny_model, tiny_run_config, write_jsonl
 from uniopd.algo.metrics import reverse_kl_mean
 from uniopd.models.loading import VocabularyMismatch
-from uniopd.trainer import Trainer, TrainingStopped
+from uniopd.train.trainer import Trainer, TrainingStopped
 
 
 def _full_reverse_kl(trainer: Trainer, samples) -> float:
@@ -143,7 +143,8 @@ def test_dense_losses_train_end_to_end_and_log_overlap(kind, extra, tiny_student
                           **{"loss.kind": kind, "trainer.steps": 3, "trainer.lr": 1e-2, "trainer.save_every": 0,
                              **extra})
     trainer = Trainer(cfg)
-    probe = [s for g in trainer.rollout(list(range(4)), 2) for s in g]  # fixed states to compare on
+    probe = [s for g in trainer.engine.sample(trainer.prompt_ids[:4], 2, generator=trainer.generator)
+             for s in g]  # fixed states to compare on
     before = _full_reverse_kl(trainer, probe)
     rows = []
     for _ in range(3):
@@ -160,7 +161,7 @@ def test_dense_losses_train_end_to_end_and_log_overlap(kind, extra, tiny_student
 
 def test_out_of_memory_in_a_micro_batch_names_the_sizes(tiny_student_dir, tiny_teacher_dir, arithmetic_file,
                                                         tmp_path, monkeypatch):
-    import uniopd.update as update_mod
+    import uniopd.train.update as update_mod
 
     cfg = tiny_run_config(tiny_student_dir, tiny_teacher_dir, arithmetic_file, tmp_path / "r",
                           **{"trainer.micro_batch_size": 3})
@@ -177,10 +178,10 @@ def test_out_of_memory_in_a_micro_batch_names_the_sizes(tiny_student_dir, tiny_t
 @pytest.mark.parametrize("setting, calls", [("true", 1), ("false", 0)])
 def test_a_cpu_trainer_keeps_freed_memory_unless_told_not_to(setting, calls, tiny_student_dir, tiny_teacher_dir,
                                                             arithmetic_file, tmp_path, monkeypatch):
-    import uniopd.trainer as trainer_mod
+    import uniopd.runtime as runtime_mod
 
     seen = []
-    monkeypatch.setattr(trainer_mod, "reuse_freed_cpu_memory", lambda: seen.append(1) or True)
+    monkeypatch.setattr(runtime_mod, "reuse_freed_cpu_memory", lambda: seen.append(1) or True)
     Trainer(tiny_run_config(tiny_student_dir, tiny_teacher_dir, arithmetic_file, tmp_path,
                             **{"trainer.device": "cpu", "trainer.reuse_cpu_memory": setting}))
     assert len(seen) == calls

@@ -1,8 +1,12 @@
-"""Apply the configured teacher-side calibration to a step's token advantages.
+"""The teacher signal of a step as token advantages: reverse KL, margin calibration, outcome.
 
-Order: (1) optional log-ratio clip mask (|log πS − log πT| ≥ clip drops the token);
-(2) metrics on the raw advantages (order consistency before calibration);
-(3) margin shift or margin mask (`uniopd.algo.calibration`).
+    A_t = kl_coef · (log πT(y_t) − log πS(y_t))          (`uniopd.algo.advantages`)
+    then margin shift / mask (`calibration.*`, `uniopd.algo.calibration`)
+    then + outcome_weight · (verifier reward − group baseline) on every token
+
+Calibration order: (1) optional log-ratio clip mask (|log πS − log πT| ≥ clip drops the
+token); (2) metrics on the raw advantages (order consistency before calibration); (3) margin
+shift or margin mask.
 """
 
 from __future__ import annotations
@@ -10,8 +14,9 @@ from __future__ import annotations
 import torch
 
 from uniopd.algo import calibration as C
+from uniopd.algo.advantages import outcome_advantages, reverse_kl_advantages
 from uniopd.batch import StepBatch
-from uniopd.config import CalibrationConfig
+from uniopd.config import CalibrationConfig, LossConfig
 
 
 def calibrate(adv_BT: torch.Tensor, batch: StepBatch,
@@ -44,3 +49,13 @@ def calibrate(adv_BT: torch.Tensor, batch: StepBatch,
     metrics["calib/masked_group_frac"] = len(dropped_groups) / max(len(batch.group_ids_B.unique()), 1)
     metrics["calib/masked_rollout_frac"] = float((~keep_B).float().mean())
     return adv_BT, keep_B, metrics
+
+
+def token_advantages(batch: StepBatch, loss_cfg: LossConfig, calib_cfg: CalibrationConfig) -> dict[str, float]:
+    """Fill batch.adv_BT and batch.keep_B from the scored batch; returns the calibration metrics."""
+    adv_BT = reverse_kl_advantages(batch.old_logp_BT, batch.teacher_logp_BT, batch.mask_BT, kl_coef=loss_cfg.kl_coef)
+    batch.adv_BT, batch.keep_B, metrics = calibrate(adv_BT, batch, calib_cfg)
+    if loss_cfg.outcome_weight:
+        out_B = outcome_advantages(batch.score_B, batch.group_ids_B, baseline=loss_cfg.outcome_baseline)
+        batch.adv_BT = batch.adv_BT + loss_cfg.outcome_weight * out_B[:, None] * batch.mask_BT
+    return metrics

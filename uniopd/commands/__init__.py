@@ -1,0 +1,1 @@
+"""One module per `uniopd` command; `uniopd.cli` only parses and dispatches."""

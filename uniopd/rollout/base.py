@@ -1,0 +1,81 @@
+"""The rollout-engine seam: what every generation backend does, and the registry that picks one.
+
+An engine samples n responses per prompt and returns each response's token ids with the
+log-probs of the sampled tokens under the distribution they were drawn from (logits /
+temperature, before top-p): the PPO "old" log-probs and the student side of the token
+advantage. After every optimizer step the trainer calls `update_weights` so the next step
+samples from the new policy.
+
+`rollout.backend` picks the engine by name (`hf`) or by dotted path
+(`mypkg.engines:MyEngine`, a subclass of `RolloutEngine` with the same constructor).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from uniopd.batch import Sample
+from uniopd.config import ConfigError, RolloutConfig
+from uniopd.models.loading import LoadedModel
+from uniopd.registry import resolve
+
+ROLLOUT_ENGINES: dict[str, str] = {
+    "hf": "uniopd.rollout.hf:HFEngine",
+}
+
+
+@dataclass(frozen=True)
+class EngineSupport:
+    """What an engine can do, known before it is built (checked at start-up)."""
+
+    images: bool = False  # prompts with images (vision-language students)
+    # "shared": samples from the trainer's own module, so updates are seen at once;
+    # "push": holds its own copy of the weights, refreshed by update_weights().
+    weight_sync: str = "shared"
+
+
+class RolloutEngine(ABC):
+    """Samples responses from the student. Subclasses keep this constructor signature.
+
+    cfg: the rollout config; student: the trainer's student (model, tokenizer, processor);
+    suppress_ids: token ids never to sample (a vision-language model's image placeholders).
+    """
+
+    support: ClassVar[EngineSupport] = EngineSupport()
+
+    def __init__(self, cfg: RolloutConfig, student: LoadedModel, *, suppress_ids: list[int] | None = None):
+        self.cfg = cfg
+        self.student = student
+        self.suppress_ids = list(suppress_ids or [])
+
+    @abstractmethod
+    def sample(self, prompts: list[list[int]], n: int, *, multimodal: list | None = None, greedy: bool = False,
+               generator: torch.Generator | None = None) -> list[list[Sample]]:
+        """n samples per prompt (token ids), as one list per prompt (the group), in prompt order.
+
+        multimodal: one `MultimodalInputs` (or None) per prompt for vision-language students;
+        greedy: argmax decoding (evaluation); generator: the caller's seeded random stream.
+        """
+
+    def update_weights(self, model: torch.nn.Module) -> None:
+        """Make the next `sample` use `model`'s current weights (called after each optimizer step)."""
+
+    def close(self) -> None:
+        """Release what the engine holds (processes, memory)."""
+
+
+def engine_class(backend: str, key: str = "rollout.backend") -> type[RolloutEngine]:
+    return resolve(key, backend, ROLLOUT_ENGINES, base=RolloutEngine)
+
+
+def build_rollout_engine(cfg: RolloutConfig, student: LoadedModel, *, suppress_ids: list[int] | None = None,
+                         key: str = "rollout.backend") -> RolloutEngine:
+    cls = engine_class(cfg.backend, key)
+    if student.is_multimodal and not cls.support.images:
+        raise ConfigError(f"{key}={cfg.backend!r} cannot sample from vision-language students "
+                          f"({student.source}); use hf")
+    return cls(cfg, student, suppress_ids=suppress_ids)

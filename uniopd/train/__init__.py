@@ -1,0 +1,1 @@
+"""The training loop and its parts: strategy, update, token advantages, checkpoints, metrics."""

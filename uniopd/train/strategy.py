@@ -1,0 +1,80 @@
+"""The training-strategy seam: how many processes, how the student is wrapped, how gradients
+and metrics are reduced, and who reads and writes checkpoints.
+
+The loop (`uniopd.train.trainer`) asks the strategy for each of these and never branches on
+the process layout itself. `trainer.strategy` picks one; `single` (one process, the model
+as loaded) is the only one today. A data-parallel strategy implements the same methods:
+`shard` gives each rank its share of a step's prompts, `reduce_sums` sums per-rank
+statistics so the token-mean and metrics are those of the whole batch, `clip_grad_norm`
+reduces the norm across shards, and only `is_main` writes checkpoints and logs.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from uniopd.config import ConfigError
+from uniopd.models.weights import load_weights
+from uniopd.train.checkpoint import find_resumable, load_trainer_state, save_checkpoint
+
+
+class TrainingStrategy(ABC):
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        """This process writes checkpoints, metrics and logs."""
+        return self.rank == 0
+
+    @abstractmethod
+    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The student as the update runs it (wrapped for sharding where the strategy shards)."""
+
+    def shard(self, items: list) -> list:
+        """This process's share of a step's prompts."""
+        return items
+
+    def reduce_sums(self, sums: dict[str, float]) -> dict[str, float]:
+        """Sums over every process of per-process sums (token counts, loss sums, metric sums)."""
+        return sums
+
+    def clip_grad_norm(self, model: torch.nn.Module, max_norm: float) -> torch.Tensor:
+        """Clip the global gradient norm (inf: measure only); returns the norm before clipping."""
+        return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+
+    def save(self, run_dir: Path, step: int, model: torch.nn.Module, tokenizer: Any, state: dict[str, Any], *,
+             keep: int) -> Path:
+        return save_checkpoint(run_dir, step, model, tokenizer, state, keep=keep)
+
+    def load_latest(self, run_dir: Path, model: torch.nn.Module) -> tuple[Path, dict[str, Any]] | None:
+        """Load the newest verified checkpoint's weights into `model`; (its path, trainer state)."""
+        path = find_resumable(run_dir)
+        if path is None:
+            return None
+        load_weights(model, path)
+        return path, load_trainer_state(path)
+
+    def close(self) -> None:
+        """Tear down what the strategy set up (process groups)."""
+
+
+class SingleProcess(TrainingStrategy):
+    """One process, the student as loaded, checkpoints written by this process."""
+
+    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model
+
+
+STRATEGIES: dict[str, type[TrainingStrategy]] = {"single": SingleProcess}
+
+
+def build_strategy(name: str) -> TrainingStrategy:
+    try:
+        return STRATEGIES[name]()
+    except KeyError:
+        raise ConfigError(f"trainer.strategy: {name!r} is not one of {', '.join(STRATEGIES)}") from None
