@@ -46,7 +46,9 @@ class StepBatch:
     # row -> (ids [T_b, K], log-probs [T_b, K]) from scorers that return only the teacher's top-k
     teacher_topk: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     adv_BT: torch.Tensor | None = None
-    keep_B: torch.Tensor | None = None  # rows that train (calibration mask)
+    keep_B: torch.Tensor | None = None  # rows that train (calibration mask, online balancing)
+    # Rows the online balancer lets train (release mode: the others stay for margins only); None: all.
+    balance_keep_B: torch.Tensor | None = None
 
     @property
     def size(self) -> int:

@@ -157,9 +157,16 @@ class LossConfig:
     temperature: float = _f(1.0, "temperature of the dense losses")
     dense_weight: float = _f(1.0, "weight of the dense loss when combined with the outcome reward")
     chunk_size: int = _f(1024, "tokens per chunk when computing log-probs and dense losses")
+    aggregation: str = _f("token-mean", "sampled-token loss: token-mean (over every token of the mini-batch) | "
+                                        "seq-mean-token-mean (each response's mean, then the mean over "
+                                        "responses: the released Uni-OPD scripts)")
 
     def validate(self, key: str) -> None:
         _check_choice(f"{key}.kind", self.kind, tuple(LOSS_KINDS))
+        _check_choice(f"{key}.aggregation", self.aggregation, ("token-mean", "seq-mean-token-mean"))
+        if self.aggregation != "token-mean" and LOSS_KINDS[self.kind].is_dense:
+            raise ConfigError(f"{key}.aggregation={self.aggregation!r} applies to the sampled-token loss only; "
+                              f"{key}.kind={self.kind!r} is a dense loss (use token-mean)")
         _check_choice(f"{key}.direction", self.direction, ("reverse", "forward"))
         _check_choice(f"{key}.outcome_baseline", self.outcome_baseline, ("group", "none"))
         _check_choice(f"{key}.topk_source", self.topk_source, ("student", "teacher", "union", "intersection"))
@@ -181,7 +188,8 @@ class CalibrationConfig:
     scope: str = _f("group", "margin per prompt group or over the whole batch: group | global")
     mask_strategy: str = _f("group", "mask: group (drop the whole group) | greedy (drop worst rollouts)")
     min_retain_ratio: float = _f(0.25, "greedy mask keeps at least this share of each side")
-    logratio_clip: float | None = _f(None, "mask tokens with |log piS - log piT| >= this (10 in the released code)")
+    logratio_clip: float | None = _f(None, "drop tokens with |log piS - log piT| >= this from the loss, after the "
+                                           "returns are computed and calibrated (10 in the released code)")
 
     def validate(self, key: str) -> None:
         _check_choice(f"{key}.method", self.method, ("shift", "mask"))
@@ -196,6 +204,10 @@ class CalibrationConfig:
 @dataclass
 class BalanceConfig:
     online: bool = _f(False, "correctness-aware selection of which rollouts train")
+    mode: str = _f("select", "online balancing: select (oversample, redraw uniform groups, keep n per group near "
+                             "`ratio`) | release (the released code's rule: per group, randomly drop rollouts of "
+                             "the larger outcome side down to the smaller side's count; dropped rollouts stay in "
+                             "the batch with loss weight 0, so they still count in margins)")
     oversample: float = _f(2.0, "rollouts sampled per prompt = ceil(oversample * rollout.n)")
     ratio: float = _f(1.0, "target correct:incorrect ratio inside a kept group")
     max_resample: int = _f(0, "extra sampling rounds for groups that came out all-correct/all-incorrect")
@@ -204,6 +216,7 @@ class BalanceConfig:
     num_bins: int = _f(10, "`uniopd balance`: pass-rate histogram bins")
 
     def validate(self, key: str) -> None:
+        _check_choice(f"{key}.mode", self.mode, ("select", "release"))
         _check_range(f"{key}.oversample", self.oversample, 1.0)
         _check_range(f"{key}.ratio", self.ratio, 0.0)
         _check_range(f"{key}.max_resample", self.max_resample, 0)

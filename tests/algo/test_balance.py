@@ -12,6 +12,7 @@ from uniopd.algo.balance import (
     difficulty_balance,
     group_outcome_kinds,
     pass_rate_histogram,
+    release_balance_weights,
     select_balanced,
 )
 from uniopd.algo.balance_plot import save_histogram_png
@@ -246,3 +247,61 @@ def test_save_histogram_png(tmp_path):
     assert sorted(p.name for p in path.parent.iterdir()) == ["hist.png"]  # no tmp left
     with pytest.raises(ValueError, match="counts"):
         save_histogram_png([1, 2], [1, 2, 3], path, num_bins=2)
+
+
+# ----------------------------------------------------------- release_balance_weights
+
+
+def release_batch():
+    # group 4: 3 correct (rows 0-2), 1 incorrect (3)  -> 2 of rows 0-2 dropped
+    # group 1: all correct (4, 5)                      -> nothing dropped
+    # group 9: 1 correct (6), 1 incorrect (7), 1 unknown (8), the unknown sits on the
+    #          incorrect side: 1 vs 2                  -> 1 of rows 7, 8 dropped
+    # group 2: 2 correct (9, 10), 2 incorrect (11, 12) -> nothing dropped
+    correct = torch.tensor([T, T, T, F, T, T, T, F, T, T, T, F, F])
+    known = torch.tensor([T] * 8 + [F] + [T] * 4)
+    ids = torch.tensor([4, 4, 4, 4, 1, 1, 9, 9, 9, 2, 2, 2, 2])
+    return correct, known, ids
+
+
+def test_release_balance_weights_hand_case():
+    correct, known, ids = release_batch()
+    for seed in range(30):
+        w = release_balance_weights(correct, ids, known_B=known,
+                                    generator=torch.Generator().manual_seed(seed))
+        assert w.dtype == torch.float32 and set(w.tolist()) <= {0.0, 1.0}
+        assert w[:3].sum() == 1.0 and w[3] == 1.0
+        assert w[4:6].tolist() == [1.0, 1.0]
+        assert w[6] == 1.0 and w[7:9].sum() == 1.0
+        assert w[9:].tolist() == [1.0] * 4
+    # without known_B, row 8 counts as correct: group 9 is 2 vs 1, a correct row goes
+    w = release_balance_weights(correct, ids, generator=torch.Generator().manual_seed(0))
+    assert w[7] == 1.0 and w[[6, 8]].sum() == 1.0
+
+
+def test_release_balance_weights_draws_uniformly_and_reproducibly():
+    correct, known, ids = release_batch()
+    dropped = torch.zeros(len(correct))
+    for seed in range(300):
+        w = release_balance_weights(correct, ids, known_B=known,
+                                    generator=torch.Generator().manual_seed(seed))
+        dropped += 1 - w
+    # each of rows 0-2 is dropped 2/3 of the time, rows 7, 8 half of the time
+    assert all(abs(dropped[r] / 300 - 2 / 3) < 0.1 for r in range(3))
+    assert all(abs(dropped[r] / 300 - 0.5) < 0.1 for r in (7, 8))
+    a = release_balance_weights(correct, ids, known_B=known, generator=torch.Generator().manual_seed(5))
+    b = release_balance_weights(correct, ids, known_B=known, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(a, b)
+
+
+def test_release_balance_weights_edge_cases():
+    correct, _, ids = release_batch()
+    # no known outcome anywhere: the release skips balancing
+    none_known = torch.zeros_like(correct)
+    assert release_balance_weights(correct, ids, known_B=none_known).tolist() == [1.0] * 13
+    empty = torch.zeros(0, dtype=torch.bool)
+    assert release_balance_weights(empty, torch.zeros(0, dtype=torch.long)).shape == (0,)
+    with pytest.raises(ValueError, match="equal length"):
+        release_balance_weights(correct, ids[:3])
+    with pytest.raises(ValueError, match="known_B"):
+        release_balance_weights(correct, ids, known_B=none_known[:3])

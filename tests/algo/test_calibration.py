@@ -323,11 +323,12 @@ def test_margin_mask_greedy_stops_when_no_drop_helps():
     assert keep.all()
 
 
-def test_margin_mask_greedy_tie_between_sides_drops_incorrect():
-    # m = 0 - 1 = -1; dropping correct 0 or incorrect 1 both give m = 1
+def test_margin_mask_greedy_tie_between_sides_drops_correct():
+    # m = 0 - 1 = -1; dropping correct 0 or incorrect 1 both give m = 1: as the
+    # release (_greedy_mask_local), the tie goes to the correct side.
     adv, mask, correct, ids = one_token([0.0, 2.0, 1.0, -1.0], [T, T, F, F])
     keep = margin_mask(adv, mask, correct, ids, delta=0.5, strategy="greedy")
-    assert keep.tolist() == [T, T, F, T]
+    assert keep.tolist() == [F, T, T, T]
 
 
 def test_margin_mask_greedy_mean_mode_and_equal_g_order():
@@ -344,10 +345,10 @@ def test_margin_mask_greedy_mean_mode_and_equal_g_order():
 
 def test_margin_mask_greedy_mean_tie():
     # mean: correct [0,1,2] mean 1, incorrect [2,1,0] mean 1, m = 0; either drop gives
-    # m = 0.5 = delta; the tie goes to the incorrect side.
+    # m = 0.5 = delta; the tie goes to the correct side (the release's rule).
     adv, mask, correct, ids = one_token([0.0, 1.0, 2.0, 2.0, 1.0, 0.0], [T, T, T, F, F, F])
     keep = margin_mask(adv, mask, correct, ids, delta=0.5, mode="mean", strategy="greedy")
-    assert keep.tolist() == [T, T, T, F, T, T]
+    assert keep.tolist() == [F, T, T, T, T, T]
 
 
 def test_margin_mask_greedy_keeps_empty_rollouts_and_other_groups():

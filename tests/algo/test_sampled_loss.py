@@ -1,5 +1,7 @@
 import math
 
+import pytest
+
 import torch
 
 from uniopd.algo.advantages import outcome_advantages, reverse_kl_advantages
@@ -57,3 +59,17 @@ def test_ppo_loss_empty_mask_is_zero_not_nan():
     loss, _ = ppo_clip_loss(logp, logp.detach(), torch.ones(2, 3), torch.zeros(2, 3, dtype=torch.bool))
     assert loss.item() == 0.0
     loss.backward()
+
+
+def test_seq_mean_token_mean_is_each_responses_mean_then_the_mean_over_responses():
+    # At ratio 1 the PPO loss of a token is -A. Two responses: lengths 2 and 4 (one token
+    # of the second clipped away by the mask, still counted in its length, as the release does).
+    adv = torch.tensor([[1.0, 3.0, 0.0, 0.0], [2.0, 2.0, 6.0, 100.0]])
+    mask = torch.tensor([[True, True, False, False], [True, True, True, False]])
+    lengths = torch.tensor([[2.0], [4.0]]).expand(2, 4)
+    logp = torch.zeros(2, 4)
+    loss, _ = ppo_clip_loss(logp, logp, adv, mask, normalizer=2, token_weight=1.0 / lengths)
+    want = -((1 + 3) / 2 + (2 + 2 + 6) / 4) / 2
+    assert loss.item() == pytest.approx(want)
+    token_mean, _ = ppo_clip_loss(logp, logp, adv, mask)
+    assert token_mean.item() == pytest.approx(-(1 + 3 + 2 + 2 + 6) / 5)

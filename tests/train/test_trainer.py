@@ -216,3 +216,34 @@ def test_sharing_the_prompt_prefix_runs_it_once_and_changes_nothing_else(tiny_st
         assert runs["true"][0][key] == pytest.approx(runs["false"][0][key], rel=1e-4, abs=1e-6), key
     for name, w in runs["false"][2].items():
         torch.testing.assert_close(runs["true"][2][name], w, atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_release_balancing_keeps_dropped_rollouts_for_margins_and_seq_mean_averages_per_response(
+        tiny_student_dir, tiny_teacher_dir, arithmetic_file, tmp_path):
+    from uniopd.train.token_advantages import token_advantages
+
+    cfg = tiny_run_config(tiny_student_dir, tiny_teacher_dir, arithmetic_file, tmp_path,
+                          **{"balance.online": "true", "balance.mode": "release", "rollout.n": 4,
+                             "loss.aggregation": "seq-mean-token-mean", "calibration.enabled": "true",
+                             "logging.diagnostics": "false"})
+    trainer = Trainer(cfg)
+    # Outcomes made up so every group has both sides: 1 correct, 3 incorrect per group.
+    batch, metrics = trainer.collect(trainer.sampler.next(cfg.rollout.prompts_per_step))
+    assert batch.size == 4 * 4 and metrics["balance/drawn"] == 16  # nothing oversampled
+    batch.correct_B = torch.tensor([True, False, False, False] * 4)
+    from uniopd.algo.balance import release_balance_weights
+
+    batch.balance_keep_B = release_balance_weights(batch.correct_B, batch.group_ids_B,
+                                                   generator=torch.Generator().manual_seed(0)) > 0
+    assert batch.balance_keep_B.view(4, 4).sum(1).tolist() == [2, 2, 2, 2]
+    trainer.score(batch)
+    calib = token_advantages(batch, cfg.loss, cfg.calibration)
+    assert calib["calib/num_two_outcome_groups"] == 4  # dropped rollouts still count in margins
+    train_B = batch.keep_B & batch.mask_BT.any(1)
+    assert torch.equal(batch.keep_B, batch.balance_keep_B & batch.keep_B)
+    # At ratio 1 the loss is -(mean over responses with tokens of each kept response's mean advantage).
+    lengths_B = batch.mask_BT.sum(1).clamp(min=1)
+    per_response = torch.where(train_B, (batch.adv_BT * batch.mask_BT).sum(1) / lengths_B, 0.0)
+    want = -float(per_response.sum()) / int((lengths_B > 0).sum())
+    got = trainer.update(batch)["pg_loss"]
+    assert got == pytest.approx(want, abs=1e-6)

@@ -29,6 +29,11 @@ n_per_group rollouts per group with correct : incorrect as close to `ratio` as t
 group allows. Closest means: the number of correct rollouts is n · ratio / (1 + ratio)
 rounded half up (ratio = inf keeps only correct ones), then capped by what each side
 has, the shortfall filled from the other side.
+
+Online, the released rule (`release_balance_weights`): no oversampling; within each
+group the larger outcome side is randomly thinned to the smaller side's count, and the
+dropped rollouts stay in the batch with loss weight 0 (so they still count in margins).
+See that function for what the release leaves uncertain.
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ __all__ = [
     "difficulty_balance",
     "group_outcome_kinds",
     "pass_rate_histogram",
+    "release_balance_weights",
     "select_balanced",
 ]
 
@@ -164,6 +170,71 @@ def select_balanced(
     if not kept:
         return torch.zeros(0, dtype=torch.long)
     return torch.cat(kept).sort().values
+
+
+def release_balance_weights(
+    correct_B: Tensor,
+    group_ids_B: Tensor,
+    *,
+    known_B: Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Loss weights of the released online balancing: 1.0 keep, 0.0 dropped.
+
+    correct_B: bool [B]; group_ids_B: long [B]; known_B: bool [B] or None (all known)
+    -> loss_weight_B float [B] (on correct_B's device), each 0.0 or 1.0.
+
+    The rule of github WenjinHou/Uni-OPD @08fcec0,
+    miles/Uni_OPD_utils/online_balance/rollout_sample_balance.py (`_filter_per_group`
+    with ratio 1, the launch scripts' FILTER_MODE="sample", FILTER_RATIO="1"): in each
+    group, with c correct and i other rollouts, if both c and i are > 0 the larger side
+    loses |c − i| rollouts drawn uniformly without replacement; nothing is added or
+    resampled. A dropped rollout is not removed: the release sets
+    `sample.remove_sample`, which turns its loss mask to zeros (miles/ray/rollout.py)
+    while it still enters the advantage computation and the margin statistics.
+    As in the release, a rollout whose outcome is unknown sits on the incorrect side
+    (it splits on `response_correct is True` / `is not True`), and when no rollout of
+    the batch has a known outcome nothing is dropped. Groups are visited in ascending
+    id order, so a generator in a given state always gives the same answer.
+
+    Caveat, checked in that commit: as published this function never runs. It reads
+    `getattr(args, "filter_rollout_by_response_correct", False)`,
+    `getattr(args, "filter_rollout_mode", "global")` and
+    `getattr(args, "filter_rollout_ratio", 1.0)`, while miles/miles/utils/arguments.py
+    defines `--balance-rollout-by-outcome-reward`, `--balance-rollout-scope`
+    (global | sample, default global) and `--balance-rollout-ratio`, and nothing maps
+    one set of names to the other; so the flag reads False and it returns at once. The
+    launch scripts (exps/scripts/OPD/*/...Uni_OPD.sh) also pass
+    `--rollout-sample-filter-path exps.OPD.utils.filter.rollout_sample_filter.filter_function`,
+    a module the release does not contain (it has no exps/OPD/ package; other released
+    files import exps.OPD.utils.reward.* too, the pre-rename path of Uni_OPD_utils/).
+    The paper's runs used that unreleased module, so which rule produced its numbers
+    (this one, with per-group scope and ratio 1 as the scripts ask, is the most likely)
+    is not certain.
+    """
+    if correct_B.dim() != 1 or correct_B.shape != group_ids_B.shape:
+        raise ValueError(
+            f"correct_B and group_ids_B must be 1-D of equal length, got "
+            f"{tuple(correct_B.shape)} and {tuple(group_ids_B.shape)}"
+        )
+    if known_B is not None and known_B.shape != correct_B.shape:
+        raise ValueError(f"known_B has shape {tuple(known_B.shape)}, correct_B {tuple(correct_B.shape)}")
+    device = correct_B.device
+    known = torch.ones_like(correct_B, dtype=torch.bool) if known_B is None else known_B.bool()
+    pos_B = (correct_B.bool() & known).cpu()
+    weight_B = torch.ones(correct_B.shape[0], dtype=torch.float32)
+    if not bool(known.any()):
+        return weight_B.to(device)
+    _, index_B = group_index(group_ids_B.cpu())
+    for g in range(int(index_B.max()) + 1):
+        rows = (index_B == g).nonzero().flatten()
+        pos, neg = rows[pos_B[rows]], rows[~pos_B[rows]]
+        if pos.numel() == 0 or neg.numel() == 0 or pos.numel() == neg.numel():
+            continue
+        big, small = (pos, neg) if pos.numel() > neg.numel() else (neg, pos)
+        order = torch.randperm(big.numel(), generator=generator)
+        weight_B[big[order[: big.numel() - small.numel()]]] = 0.0
+    return weight_B.to(device)
 
 
 def group_outcome_kinds(correct_B: Tensor, group_ids_B: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -17,23 +17,47 @@ The teacher is order-consistent with the outcome on q when m(q) ≥ δ (δ > 0).
   c, so afterwards m(q) = δ for the shifted groups (up to float rounding).
 * Margin mask: drop rollouts that violate the order: the whole group (`group`, the
   paper) or, greedily, the worst offenders one at a time (`greedy`, the released code).
+* `scope="global"` (released code) treats the whole batch as one group, for both.
 * Token clip: drop tokens with |log πS − log πT| ≥ clip_range (the released code: 10).
 
-Where the code departs from the paper, and why:
+`calibrate_advantages` is the whole teacher-side path of a step, in the released
+code's order (github WenjinHou/Uni-OPD @08fcec0, miles/backends/training_utils/loss.py):
+
+    1. a row whose teacher call failed gets token advantages 0 (the release fills its
+       teacher log-probs with a −100 sentinel and multiplies the advantage by
+       (logp_T != −100)); it still takes part in margins with G = 0, as in the release,
+       and leaves the loss. Pass known_B=False for it as well to keep it out of margins.
+    2. G over ALL valid response tokens, margins, shift or mask (Uni_OPD_utils/
+       margin_calibration: opd_correctness_margin_shift / opd_correctness_margin_mask);
+    3. only then the log-ratio clip: tokens with |log πS − log πT| ≥ clip leave the loss
+       (the release multiplies pg_loss by that mask in policy_loss_function).
+    Rollouts whose outcome is unknown (verifier undecided; `response_correct is None`
+    in the release) count in neither S+ nor S− and are never shifted or greedily masked.
+
+Where the code departs from the paper or the release, and why:
 
 * Rollouts whose mask has no valid token have G = 0 by convention but carry no token
   that a shift could move, so they are ignored when margins are computed (they count
-  neither in S+ nor in S−) and are never shifted. A group "has a margin" when it has at
-  least one *valid* correct and one *valid* incorrect rollout. Groups without a margin
-  (all correct, all incorrect, or one side only empty rollouts) are left as they are.
-* `scope="global"` (released code) treats the whole batch as one group.
+  neither in S+ nor in S−) and are never shifted. (In the release such a row's
+  `adv.mean()` is NaN: torch min/mean then make the group's margin NaN and its shift
+  is skipped, while the multi-rank minmax path's Python min() ignores it.) A group
+  "has a margin" when it has at least one *valid* correct and one *valid* incorrect rollout.
+  Groups without a margin (all correct, all incorrect, or one side only empty or
+  unknown rollouts) are left as they are.
 * Returns and margins are computed in at least float32 so bf16 advantages do not round
   the margin; the shift is cast back to the advantage dtype.
-* Greedy mask details the released code leaves open are fixed here: ties between the
-  two candidate drops go to the incorrect rollout (keeps the scarcer positive signal);
-  among rollouts with equal G the lower batch index is dropped first; when the loop
-  stops with m still < δ the remaining rollouts are kept; empty rollouts are never
-  candidates and always kept (they carry no loss anyway).
+* Greedy mask, as the release (`_greedy_mask_local`): each step compares dropping the
+  lowest-G correct rollout with dropping the highest-G incorrect one and takes the one
+  whose new margin is strictly larger than the current one and than the other's; on a
+  tie the CORRECT rollout is dropped (the release tests the correct side first and
+  replaces it only on a strictly larger margin). Among rollouts with equal G the lower
+  batch index is dropped first (stable sorts, as the release). The loop stops when
+  m ≥ δ, no drop raises m, or each side is at its floor max(1, floor(n·ratio)); the
+  rest is kept. Empty rollouts are never candidates and always kept. The floor adds
+  1e-9 before flooring (100 · 0.29 gives 29, the release's int() gives 28).
+* The release's single-process fallback (parallel_state None, scope="global") always
+  shifts `correct_up` whatever the direction; its training path (all-reduce) honours
+  the direction, and so does this module.
 
 All functions are pure: inputs are never modified in place.
 """
@@ -63,6 +87,7 @@ _MODES = ("minmax", "mean")
 _DIRECTIONS = ("correct_up", "incorrect_down", "both")
 _SCOPES = ("group", "global")
 _STRATEGIES = ("group", "greedy")
+_METHODS = ("shift", "mask")
 
 
 class GroupMargins(NamedTuple):
@@ -128,15 +153,28 @@ def group_index(group_ids_B: Tensor) -> tuple[Tensor, Tensor]:
     return group_ids_G, index_B
 
 
+def _known(known_B: Tensor | None, correct_B: Tensor) -> Tensor:
+    if known_B is None:
+        return torch.ones_like(correct_B, dtype=torch.bool)
+    if known_B.shape != correct_B.shape:
+        raise ValueError(f"known_B has shape {tuple(known_B.shape)}, correct_B {tuple(correct_B.shape)}")
+    return known_B.bool()
+
+
 def _prepare(
-    token_adv_BT: Tensor, mask_BT: Tensor, correct_B: Tensor, group_ids_B: Tensor
+    token_adv_BT: Tensor,
+    mask_BT: Tensor,
+    correct_B: Tensor,
+    group_ids_B: Tensor,
+    known_B: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(mask_BT, correct_B, returns_B, valid_B); valid = has a valid token and a known outcome."""
     _check_tokens(token_adv_BT, mask_BT)
     _check_rollouts(correct_B, group_ids_B, token_adv_BT.shape[0])
     mask_BT = mask_BT.bool()
     correct_B = correct_B.bool()
     returns_B = sequence_returns(token_adv_BT, mask_BT)
-    valid_B = mask_BT.any(dim=-1)
+    valid_B = mask_BT.any(dim=-1) & _known(known_B, correct_B)
     return mask_BT, correct_B, returns_B, valid_B
 
 
@@ -211,12 +249,15 @@ def _shift_plan(
     delta: float,
     mode: str,
     scope: str,
+    known_B: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(lambda_G, index_B, mask_BT, correct_B) shared by margin_shift and its amounts."""
     _check_delta(delta)
     _check_choice("mode", mode, _MODES)
     _check_choice("scope", scope, _SCOPES)
-    mask_BT, correct_B, returns_B, valid_B = _prepare(token_adv_BT, mask_BT, correct_B, group_ids_B)
+    mask_BT, correct_B, returns_B, valid_B = _prepare(
+        token_adv_BT, mask_BT, correct_B, group_ids_B, known_B
+    )
     if scope == "global":
         group_ids_B = torch.zeros_like(group_ids_B)
     margin_G, has_margin_G, _ = group_margins(
@@ -238,6 +279,7 @@ def margin_shift_amounts(
     delta: float,
     mode: str = "minmax",
     scope: str = "group",
+    known_B: Tensor | None = None,
 ) -> Tensor:
     """λ = max(0, δ − m) per group, the amount margin_shift applies (for metrics).
 
@@ -246,7 +288,8 @@ def margin_shift_amounts(
     Share shifted = (λ_G > 0).float().mean(); with direction="both" each side moves λ/2.
     """
     lambda_G, _, _, _ = _shift_plan(
-        token_adv_BT, mask_BT, correct_B, group_ids_B, delta=delta, mode=mode, scope=scope
+        token_adv_BT, mask_BT, correct_B, group_ids_B, delta=delta, mode=mode, scope=scope,
+        known_B=known_B,
     )
     return lambda_G
 
@@ -261,16 +304,19 @@ def margin_shift(
     mode: str = "minmax",
     direction: str = "correct_up",
     scope: str = "group",
+    known_B: Tensor | None = None,
 ) -> Tensor:
     """Shift token advantages so every group with both outcomes gets m ≥ δ.
 
     token_adv_BT: float [B, T]; mask_BT: bool [B, T]; correct_B: bool [B];
-    group_ids_B: long [B] -> float [B, T], a new tensor of token_adv_BT's dtype.
-    Masked-out tokens are returned bit-for-bit unchanged.
+    group_ids_B: long [B]; known_B: bool [B] or None (all known): rows with an unknown
+    outcome take no part in margins and are not shifted -> float [B, T], a new tensor
+    of token_adv_BT's dtype. Masked-out tokens are returned bit-for-bit unchanged.
     """
     _check_choice("direction", direction, _DIRECTIONS)
     lambda_G, index_B, mask_BT, correct_B = _shift_plan(
-        token_adv_BT, mask_BT, correct_B, group_ids_B, delta=delta, mode=mode, scope=scope
+        token_adv_BT, mask_BT, correct_B, group_ids_B, delta=delta, mode=mode, scope=scope,
+        known_B=known_B,
     )
     lambda_B = lambda_G[index_B]
     zero_B = torch.zeros_like(lambda_B)
@@ -280,6 +326,8 @@ def margin_shift(
         shift_B = torch.where(correct_B, zero_B, -lambda_B)
     else:
         shift_B = torch.where(correct_B, lambda_B / 2, -lambda_B / 2)
+    if known_B is not None:
+        shift_B = torch.where(known_B.bool(), shift_B, zero_B)
     shifted_BT = (token_adv_BT.to(lambda_B.dtype) + shift_B[:, None]).to(token_adv_BT.dtype)
     return torch.where(mask_BT, shifted_BT, token_adv_BT)
 
@@ -308,21 +356,27 @@ def _greedy_drops(
             return kept_pos[0] - kept_neg[0]
         return sum(kept_pos) / len(kept_pos) - sum(kept_neg) / len(kept_neg)
 
+    # The release's rule (_greedy_mask_local): a drop must raise m strictly; the
+    # correct side is tested first and loses only to a strictly larger margin.
     i = j = 0
     current = margin(i, j)
     while current < delta:
-        gain_pos = gain_neg = 0.0
+        best, action = current, None
         if n_pos - i - 1 >= floor_pos:
-            gain_pos = margin(i + 1, j) - current
+            after = margin(i + 1, j)
+            if after > best:
+                best, action = after, "pos"
         if n_neg - j - 1 >= floor_neg:
-            gain_neg = margin(i, j + 1) - current
-        if gain_pos <= 0 and gain_neg <= 0:
+            after = margin(i, j + 1)
+            if after > best:
+                best, action = after, "neg"
+        if action is None:
             break
-        if gain_neg >= gain_pos:
-            j += 1
-        else:
+        if action == "pos":
             i += 1
-        current = margin(i, j)
+        else:
+            j += 1
+        current = best
     return i, j
 
 
@@ -336,23 +390,31 @@ def margin_mask(
     mode: str = "minmax",
     strategy: str = "group",
     min_retain_ratio: float = 0.25,
+    scope: str = "group",
+    known_B: Tensor | None = None,
 ) -> Tensor:
     """Which rollouts to keep (True) so that kept groups are order-consistent.
 
     token_adv_BT: float [B, T]; mask_BT: bool [B, T]; correct_B: bool [B];
-    group_ids_B: long [B] -> bool [B].
+    group_ids_B: long [B]; known_B: bool [B] or None (all known) -> bool [B].
     strategy="group": drop every rollout of a group with m < δ.
     strategy="greedy": per violating group drop the lowest-G correct or highest-G
-    incorrect rollout, whichever raises m more, until m ≥ δ, no drop raises m, or a
-    side would fall below max(1, floor(n_side · min_retain_ratio)).
-    Groups without both outcomes are kept whole.
+    incorrect rollout, whichever raises m more (the correct one on a tie), until m ≥ δ,
+    no drop raises m, or a side would fall below max(1, floor(n_side · min_retain_ratio)).
+    scope="global": the whole batch is one group. Groups without both outcomes are kept
+    whole; rows with an unknown outcome or no valid token are never greedy candidates.
     """
     _check_delta(delta)
     _check_choice("mode", mode, _MODES)
     _check_choice("strategy", strategy, _STRATEGIES)
+    _check_choice("scope", scope, _SCOPES)
     if not (0.0 <= min_retain_ratio <= 1.0):
         raise ValueError(f"min_retain_ratio must be in [0, 1], got {min_retain_ratio!r}")
-    mask_BT, correct_B, returns_B, valid_B = _prepare(token_adv_BT, mask_BT, correct_B, group_ids_B)
+    mask_BT, correct_B, returns_B, valid_B = _prepare(
+        token_adv_BT, mask_BT, correct_B, group_ids_B, known_B
+    )
+    if scope == "global":
+        group_ids_B = torch.zeros_like(group_ids_B)
     margin_G, has_margin_G, _ = group_margins(
         returns_B, correct_B, group_ids_B, mode=mode, valid_B=valid_B
     )
@@ -430,6 +492,7 @@ def calibration_stats(
     delta: float,
     mode: str = "minmax",
     num_pass_rate_bins: int = 5,
+    known_B: Tensor | None = None,
 ) -> dict[str, float]:
     """Scalar metrics of the batch before calibration (every value a plain float).
 
@@ -443,18 +506,27 @@ def calibration_stats(
     pass_rate_hist_{i}      share of groups with pass rate in bin i of
                             num_pass_rate_bins equal bins over [0, 1] (1.0 in the last)
 
-    Outcome shares and pass rates count every rollout (they describe the verifier);
-    margins ignore rollouts with no valid token, as everywhere in this module.
+    Outcome shares and pass rates count every rollout whose outcome is known (they
+    describe the verifier; groups with no known outcome are left out of the shares and
+    the histogram); margins also ignore rollouts with no valid token.
     """
     _check_delta(delta)
     if num_pass_rate_bins < 1:
         raise ValueError(f"num_pass_rate_bins must be >= 1, got {num_pass_rate_bins}")
-    mask_BT, correct_B, returns_B, valid_B = _prepare(token_adv_BT, mask_BT, correct_B, group_ids_B)
+    mask_BT, correct_B, returns_B, valid_B = _prepare(
+        token_adv_BT, mask_BT, correct_B, group_ids_B, known_B
+    )
     margin_G, has_margin_G, _ = group_margins(
         returns_B, correct_B, group_ids_B, mode=mode, valid_B=valid_B
     )
-    pass_rate_G, _ = group_pass_rates(correct_B, group_ids_B)
-    num_groups = int(pass_rate_G.shape[0])
+    if known_B is None:
+        pass_rate_G, _ = group_pass_rates(correct_B, group_ids_B)
+        num_groups = int(pass_rate_G.shape[0])
+    else:
+        known_B = known_B.bool()
+        pass_rate_G, _ = group_pass_rates(correct_B[known_B], group_ids_B[known_B])
+        num_groups = int(group_index(group_ids_B)[0].shape[0])
+    num_rated = int(pass_rate_G.shape[0])
     num_two = int(has_margin_G.sum())
 
     stats: dict[str, float] = {
@@ -464,13 +536,16 @@ def calibration_stats(
         "num_two_outcome_groups": float(num_two),
         "num_groups": float(num_groups),
         "mean_margin": float(margin_G[has_margin_G].mean()) if num_two else 0.0,
-        "share_all_correct": float((pass_rate_G == 1.0).float().mean()) if num_groups else 0.0,
-        "share_all_incorrect": float((pass_rate_G == 0.0).float().mean()) if num_groups else 0.0,
+        "share_all_correct": float((pass_rate_G == 1.0).float().mean()) if num_rated else 0.0,
+        "share_all_incorrect": float((pass_rate_G == 0.0).float().mean()) if num_rated else 0.0,
     }
     # Same bins as balance.pass_rate_histogram, including its float nudge at the edges.
     bin_G = (pass_rate_G * num_pass_rate_bins + 1e-6).floor().long()
     bin_G = bin_G.clamp(max=num_pass_rate_bins - 1)
     counts = torch.bincount(bin_G, minlength=num_pass_rate_bins)
     for i, count in enumerate(counts.tolist()):
-        stats[f"pass_rate_hist_{i}"] = count / num_groups if num_groups else 0.0
+        stats[f"pass_rate_hist_{i}"] = count / num_rated if num_rated else 0.0
     return stats
+
+
+# ------------------------------------------------------------- the whole teacher side

@@ -3,11 +3,16 @@ training step's collection with online correctness-aware balancing.
 
 `sample_and_verify` is used by train, eval, offline balancing and generate: any rollout
 engine, any verifier, text or vision-language prompts. `collect_step` adds what a training
-step needs on top: plain OPD draws n rollouts per prompt; with `balance.online` it draws
-ceil(oversample · n), draws groups that came out all-correct or all-incorrect again (up to
-`balance.max_resample` rounds, the new samples added to the pool), then `select_balanced`
-keeps n per group with correct:incorrect near `balance.ratio`. Groups still uniform are
-kept or dropped by `balance.keep_uniform`.
+step needs on top: plain OPD draws n rollouts per prompt. With `balance.online`:
+
+* `balance.mode: select` draws ceil(oversample · n), draws groups that came out all-correct
+  or all-incorrect again (up to `balance.max_resample` rounds, the new samples added to the
+  pool), then `select_balanced` keeps n per group with correct:incorrect near
+  `balance.ratio`. Groups still uniform are kept or dropped by `balance.keep_uniform`.
+* `balance.mode: release` draws n and, per group, drops random rollouts of the larger
+  outcome side down to the smaller side's count (`release_balance_weights`); dropped
+  rollouts stay in the batch (`StepBatch.balance_keep_B` False) so they still count in the
+  margins, but get no loss.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from uniopd.algo.balance import select_balanced
+from uniopd.algo.balance import release_balance_weights, select_balanced
 from uniopd.batch import Sample, StepBatch, make_batch, pad_rows, response_mask
 from uniopd.config import BalanceConfig
 from uniopd.data.records import PromptRecord
@@ -83,13 +88,19 @@ def collect_step(engine: RolloutEngine, records: list[PromptRecord], prompt_ids:
 
     generator: the sampling stream; generator_cpu: the balancing choices' stream.
     """
-    n_draw = max(n, math.ceil(balance.oversample * n)) if balance.online else n
+    select = balance.online and balance.mode == "select"
+    n_draw = max(n, math.ceil(balance.oversample * n)) if select else n
     first = sample_and_verify(engine, records, prompt_ids, n_draw, verifier=verifier, vision=vision,
                               generator=generator)
     recs, samples, gids, correct, score = first.records, first.samples, first.group_ids_B, first.correct_B, first.score_B
     verify_time = first.verify_seconds
     metrics: dict[str, float] = {}
-    if balance.online:
+    balance_keep_B = None
+    if balance.online and not select:
+        balance_keep_B = release_balance_weights(correct, gids, generator=generator_cpu) > 0
+        metrics["balance/drawn"] = float(len(samples))
+        metrics["balance/kept"] = float(balance_keep_B.sum())
+    if select:
         groups: list[list[Sample]] = [[] for _ in records]
         per_group_correct: list[list[bool]] = [[] for _ in records]
         per_group_score: list[list[float]] = [[] for _ in records]
@@ -128,5 +139,6 @@ def collect_step(engine: RolloutEngine, records: list[PromptRecord], prompt_ids:
         gids, correct, score = gids[keep], correct[keep], score[keep]
     metrics["time/verify"] = verify_time
     batch = StepBatch(records=recs, samples=samples, group_ids_B=gids, mask_BT=response_mask(samples),
-                      old_logp_BT=pad_rows([s.logprobs for s in samples]), correct_B=correct, score_B=score)
+                      old_logp_BT=pad_rows([s.logprobs for s in samples]), correct_B=correct, score_B=score,
+                      balance_keep_B=balance_keep_B)
     return batch, metrics

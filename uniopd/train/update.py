@@ -142,9 +142,15 @@ def policy_update(student: LoadedModel, batch: StepBatch, optimizer: torch.optim
         return UpdateResult({"update/rows": 0.0}, 0)
     model.train()
     per_mini = math.ceil(len(rows) / trainer_cfg.mini_batches)
+    seq_mean = loss_cfg.aggregation == "seq-mean-token-mean"
+    # seq-mean-token-mean, as the release: each response's token losses over its whole length
+    # (tokens the clip dropped count as 0), then a mean over responses, masked ones counting as 0.
+    responses_B = torch.tensor([len(s.response_ids) for s in batch.samples], dtype=torch.float32)
+    rows_with_tokens = int((responses_B > 0).sum())
     for m_start in range(0, len(rows), per_mini):
         mini = rows[m_start: m_start + per_mini]
         n_tokens = float(mask_BT[mini].sum())
+        n_seqs = rows_with_tokens * len(mini) / len(rows)
         optimizer.zero_grad(set_to_none=True)
         finite = True
         for u_start in range(0, len(mini), trainer_cfg.micro_batch_size):
@@ -170,9 +176,10 @@ def policy_update(student: LoadedModel, batch: StepBatch, optimizer: torch.optim
                 if not dense or loss_cfg.outcome_weight:
                     # With a dense loss the sampled-token term carries only the outcome advantage.
                     adv_N = batch.adv_BT[idx].to(device)
+                    weight_N = (1.0 / responses_B[idx[0]]).to(device) if seq_mean else None
                     pg, stats = ppo_clip_loss(logp_N, batch.old_logp_BT[idx].to(device), adv_N, mask_N,
                                               clip_low=loss_cfg.clip_low, clip_high=loss_cfg.clip_high,
-                                              normalizer=n_tokens)
+                                              normalizer=n_seqs if seq_mean else n_tokens, token_weight=weight_N)
                     loss = loss + pg
                     sums["pg_loss"] += pg.item()
                     share = float(mask_N.sum()) / max(n_tokens, 1.0)
