@@ -36,8 +36,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     from transformers import AutoModelForCausalLM, DynamicCache
 
-    from uniopd.cpu.packed import thin_linear
     from uniopd.cpu.lean import LeanDecoder
+    from uniopd.cpu.packed import thin_linear
     from uniopd.models.compat import cache_kwargs
 
     student, _ = build_models(args)

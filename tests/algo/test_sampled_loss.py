@@ -1,7 +1,6 @@
 import math
 
 import pytest
-
 import torch
 
 from uniopd.algo.advantages import outcome_advantages, reverse_kl_advantages

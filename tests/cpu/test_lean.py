@@ -2,11 +2,12 @@
 
 import pytest
 import torch
-from helpers import DIMS, FAMILIES, family_model as _model
+from helpers import DIMS, FAMILIES
+from helpers import family_model as _model
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
-from uniopd.rollout.hf import generate_batch, lean_decode_reason
 from uniopd.cpu.lean import unsupported_reason
+from uniopd.rollout.hf import generate_batch, lean_decode_reason
 
 PROMPTS = [[2, 5, 9, 14, 30, 31, 7], [2, 44], [2, 60, 61, 62]]  # different lengths: rows are left-padded
 

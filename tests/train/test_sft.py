@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from uniopd.config import ModelConfig
+from uniopd.config import ModelConfig, SFTConfig
 from uniopd.models.loading import load_model
-from uniopd.config import SFTConfig
 from uniopd.train.sft import sft_train
 
 

@@ -3,9 +3,9 @@ import math
 
 import pytest
 import torch
+from helpers import make_tiny_model, tiny_run_config, write_jsonl
 from safetensors.torch import load_file
 
-from helpers import make_tiny_model, tiny_run_config, write_jsonl
 from uniopd.algo.metrics import reverse_kl_mean
 from uniopd.models.loading import VocabularyMismatch
 from uniopd.train.trainer import Trainer, TrainingStopped
@@ -120,8 +120,8 @@ def test_non_finite_losses_skip_updates_and_stop_the_run(tiny_student_dir, tiny_
 
 
 def test_vocabulary_mismatch_fails_before_training(tiny_student_dir, arithmetic_file, tmp_path):
-    from transformers import PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
 
     vocab = {t: i for i, t in enumerate(["<pad>", "<s>", "</s>", "<unk>"] + list("0123456789+="))}
     tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))

@@ -26,9 +26,9 @@ def add_parser(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from uniopd.data.prompts import load_prompt_records
     from uniopd.evaluate import evaluate_model
     from uniopd.models.loading import load_model
-    from uniopd.data.prompts import load_prompt_records
     from uniopd.runtime import resolve_device, seed_everything
 
     overrides = list(args.overrides)

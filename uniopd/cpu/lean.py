@@ -35,8 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from uniopd.models.families import full_attention_llama_reason
 from uniopd.cpu.packed import can_pack, pack, packed_linear, thin_linear
+from uniopd.models.families import full_attention_llama_reason
 
 PACK_MIN_STEPS = 8  # packing costs about as much as two decode steps: not worth it for a few tokens
 _POSITION_DEPENDENT_ROPE = ("dynamic", "longrope")  # their cos/sin change with the longest position seen

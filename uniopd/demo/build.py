@@ -28,12 +28,12 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from uniopd.config import SFTConfig
 from uniopd.data.records import PromptRecord
 from uniopd.models.loading import LoadedModel
 from uniopd.models.prompts import render_prompt
-from uniopd.config import SFTConfig
-from uniopd.train.sft import sft_train
 from uniopd.runtime import seed_everything
+from uniopd.train.sft import sft_train
 
 
 def default_cache_dir() -> Path:
