@@ -37,7 +37,10 @@ def main(checkout: str, out: str) -> None:
     torch.set_num_threads(2)
     from helpers import make_tiny_model, tiny_run_config, write_jsonl
 
-    from uniopd.train.trainer import Trainer
+    try:
+        from uniopd.train.trainer import Trainer
+    except ImportError:  # checkouts from before the train/ package
+        from uniopd.trainer import Trainer
 
     root = Path(tempfile.mkdtemp())
     student = make_tiny_model(root / "s", layers=2, hidden=32, seed=1)
