@@ -125,6 +125,9 @@ def worker_uniopd(args) -> None:
     ]
     if args.uniopd_rollout_threads:
         overrides.append(f"rollout.threads={args.uniopd_rollout_threads}")
+    if args.rollout_backend == "vllm":  # rollout.threads is the hf loop's; vLLM binds its own
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        overrides = [o for o in overrides if not o.startswith("rollout.threads=")] + ["rollout.backend=vllm"]
     cfg = load_config(None, overrides)
     trainer = Trainer(cfg)
     logger = MetricsLogger(run_dir, cfg.logging, cfg.trainer.steps)
@@ -146,11 +149,13 @@ def worker_uniopd(args) -> None:
         logger.log(trainer.step_idx, metrics, samples)
         wall = time.perf_counter() - t
         ch.send({"wall": wall, "rollout": metrics["time/rollout"], "verify": metrics["time/verify"],
+                 "old_logprobs": metrics.get("time/old_logprobs", 0.0),
                  "teacher": metrics["time/teacher"], "update": metrics["time/update"],
                  "tokens": float(metrics["update/tokens"]), "resp_len": metrics["resp_len"],
                  "loss": metrics.get("loss"), "threads": torch.get_num_threads(), "rss_peak_mb": rss_peak_mb(),
                  "minor_faults": minor_faults() - faults})
     logger.close()
+    trainer.engine.close()  # a vLLM engine in this process: shut it down before the interpreter exits
     ch.send({"done": True, "rss_peak_mb": rss_peak_mb()})
 
 
@@ -379,6 +384,8 @@ def main(argv: list[str] | None = None) -> dict:
                    help="uniopd's model/teacher share_prompt_prefix (on by default in uniopd)")
     p.add_argument("--trl-reuse-cpu-memory", action="store_true",
                    help="give TRL's process the same allocator setting (uniopd.runtime.reuse_freed_cpu_memory)")
+    p.add_argument("--rollout-backend", default="hf", choices=("hf", "vllm"),
+                   help="uniopd rollout.backend (vllm: run with the vLLM venv's python, .venv-vllm/bin/python)")
     p.add_argument("--skip-trl", action="store_true", help="run uniopd only")
     p.add_argument("--profile", action="store_true", help="also profile one uniopd step (torch.profiler)")
     p.add_argument("--workdir", help="run files (prompts, metrics.jsonl, logs, profile); default: a temp dir")
@@ -413,7 +420,8 @@ def main(argv: list[str] | None = None) -> dict:
               "--warmup", str(args.warmup), "--prompts", str(args.prompts), "--new-tokens", str(args.new_tokens),
               "--threads", str(args.threads), "--lr", str(args.lr), "--uniopd-loss", args.uniopd_loss,
               "--uniopd-rollout-threads", str(args.uniopd_rollout_threads),
-              "--uniopd-reuse-cpu-memory", args.uniopd_reuse_cpu_memory, "--uniopd-share-prefix", args.uniopd_share_prefix]
+              "--uniopd-reuse-cpu-memory", args.uniopd_reuse_cpu_memory, "--uniopd-share-prefix", args.uniopd_share_prefix,
+              "--rollout-backend", args.rollout_backend]
     if args.trl_reuse_cpu_memory:
         common.append("--trl-reuse-cpu-memory")
     names = ["uniopd"] + ([] if args.skip_trl else ["trl"])
@@ -468,7 +476,9 @@ def main(argv: list[str] | None = None) -> dict:
         "workdir": str(workdir),
     }
     u = measured["uniopd"]
-    us = summarise(u, ["wall", "rollout", "teacher", "update", "verify", "tokens", "minor_faults"])
+    us = summarise(u, ["wall", "rollout", "teacher", "update", "verify", "tokens", "minor_faults", "old_logprobs"])
+    res["uniopd_rollout_backend"] = args.rollout_backend
+    res["uniopd_old_logprobs_s"] = us["old_logprobs"]  # the trainer's recompute of a vLLM engine's log-probs
     res["uniopd_s_per_step"] = us["wall"]
     res["uniopd_tokens_per_s"] = us["tokens"] / us["wall"]
     res["uniopd_phase_s"] = {k: us[k] for k in ("rollout", "teacher", "update", "verify")}

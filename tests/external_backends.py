@@ -11,6 +11,7 @@ import torch
 
 from uniopd.batch import LOGP, TOPK, Sample
 from uniopd.config import TeacherConfig
+from uniopd.rewards.base import Outcome, register_verifier
 from uniopd.models.loading import load_model
 from uniopd.models.prompts import render_prompt
 from uniopd.rollout.base import EngineSupport, RolloutEngine
@@ -109,3 +110,38 @@ class TopKOnlyScorer(_PlainScorer):
 
 class NotAScorer:
     """Not a TeacherScorer: choosing it must fail naming the key."""
+
+
+class SeededSampler(PlainSampler):
+    """Each response depends only on its prompt's token ids and its index in the group (the
+    tokens are drawn from a generator seeded by them), and its log-probs come from a full
+    forward of that one sequence: the same rollouts however prompts are split across
+    processes or batched, so data-parallel runs can be compared with one process."""
+
+    @torch.no_grad()
+    def sample(self, prompts, n, *, multimodal=None, greedy=False, generator=None):
+        model, eos = self.student.model, self.student.tokenizer.eos_token_id
+        vocab = self.student.vocab_size
+        was_training = model.training
+        model.eval()
+        groups = []
+        for prompt in prompts:
+            group = []
+            for j in range(n):
+                g = torch.Generator().manual_seed(hash((tuple(prompt), j)) % (2**31))
+                length = int(torch.randint(1, self.cfg.max_new_tokens + 1, (1,), generator=g))
+                response = torch.randint(3, vocab, (length,), generator=g).tolist()
+                logits = model(input_ids=torch.tensor([list(prompt) + response])).logits[0].float()
+                logp_TV = torch.log_softmax(logits[len(prompt) - 1: -1] / self.cfg.temperature, -1)
+                logps = logp_TV.gather(-1, torch.tensor(response)[:, None]).squeeze(-1).tolist()
+                group.append(Sample(list(prompt), response, logps, response[-1] == eos))
+            groups.append(group)
+        model.train(was_training)
+        return groups
+
+
+@register_verifier("even_length")
+def even_length(response: str, record) -> Outcome:
+    """Correct when the response text has an even length: both outcomes in most groups of
+    random responses, the same verdict in every process."""
+    return Outcome(len(response) % 2 == 0, float(len(response) % 2 == 0), "pass" if len(response) % 2 == 0 else "fail")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import signal
 from pathlib import Path
 
 import torch
@@ -64,3 +66,18 @@ def tiny_run_config(student: Path, teacher: Path, data: Path, out: Path, **overr
             "rollout.max_new_tokens=6", "trainer.micro_batch_size=4", "trainer.lr=1e-3",
             "trainer.steps=2", "logging.progress=false", "logging.tensorboard=false"]
     return load_config(None, base + [f"{k}={v}" for k, v in overrides.items()])
+
+
+@contextlib.contextmanager
+def deadline(seconds: int):
+    """Fail (instead of hanging the suite) when the body blocks, e.g. opening a FIFO."""
+    def _alarm(signum, frame):
+        raise TimeoutError(f"blocked for more than {seconds}s")
+
+    previous = signal.signal(signal.SIGALRM, _alarm)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)

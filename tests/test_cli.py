@@ -66,7 +66,7 @@ def test_eval_reports_avg_and_pass_at_k(tiny_student_dir, arithmetic_file, tmp_p
                  "--out", str(out), "rollout.max_new_tokens=3"]) == 0
     result = json.loads(out.read_text())
     m = result["metrics"]
-    assert set(m) == {"avg@3", "pass@1", "pass@3"}
+    assert set(m) == {"avg@3", "pass@1", "pass@2", "pass@3"}  # pass@j for j = 1, 2, 4, ... and k
     assert 0.0 <= m["avg@3"] <= m["pass@3"] <= 1.0
     assert abs(m["pass@1"] - m["avg@3"]) < 1e-9  # the unbiased pass@1 is the mean accuracy
     assert result["num_prompts"] == 12 and "arithmetic" in result["per_domain"]

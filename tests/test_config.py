@@ -65,6 +65,12 @@ def test_apply_override_rejects_descending_into_a_value():
         apply_override(tree, "trainer.lr.x=1")
 
 
-def test_an_unbuilt_rollout_backend_is_refused_not_silently_ignored():
-    with pytest.raises(ConfigError, match="rollout.backend=vllm: the vLLM rollout backend is not built yet"):
-        load_config(None, ["rollout.backend=vllm"])
+def test_rollout_old_logprobs_keys_are_validated():
+    with pytest.raises(ConfigError, match="rollout.old_logprobs: 'both' is not one of"):
+        load_config(None, ["rollout.old_logprobs=both"])
+    with pytest.raises(ConfigError, match="rollout.tis_cap=3.0 applies to rollout.old_logprobs=engine only"):
+        load_config(None, ["rollout.tis_cap=3"])
+    with pytest.raises(ConfigError, match="rollout.tis_cap: 0.0 must be > 0"):
+        load_config(None, ["rollout.old_logprobs=engine", "rollout.tis_cap=0"])
+    with pytest.raises(ConfigError, match="rollout.vllm_gpu_memory_utilization: 1.5 must be <= 1"):
+        load_config(None, ["rollout.vllm_gpu_memory_utilization=1.5"])

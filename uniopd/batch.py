@@ -49,6 +49,12 @@ class StepBatch:
     keep_B: torch.Tensor | None = None  # rows that train (calibration mask, online balancing)
     # Rows the online balancer lets train (release mode: the others stay for margins only); None: all.
     balance_keep_B: torch.Tensor | None = None
+    # Rows whose teacher gave a usable signal (a served teacher can fail); None: all. The others get
+    # zero advantage and stay out of the loss and the margins.
+    teacher_ok_B: torch.Tensor | None = None
+    # Per-token weight of the sampled-token loss: truncated importance sampling for rollouts an
+    # engine drew whose log-probs differ from the trainer's (rollout.old_logprobs=engine); None: 1.
+    is_weight_BT: torch.Tensor | None = None
 
     @property
     def size(self) -> int:

@@ -9,7 +9,8 @@ import sys
 
 from uniopd.config import ConfigError
 
-COMMANDS = ("train", "eval", "demo", "balance", "generate", "sft", "prepare", "config")
+COMMANDS = ("train", "eval", "demo", "balance", "generate", "sft", "prepare", "config", "serve-teacher",
+            "cache-teacher", "report")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -17,7 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     for name in COMMANDS:
-        importlib.import_module(f"uniopd.commands.{name}").add_parser(sub)
+        importlib.import_module(f"uniopd.commands.{name.replace('-', '_')}").add_parser(sub)
     return parser
 
 
@@ -27,10 +28,15 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     from uniopd.data.validate import RecordError
     from uniopd.models.loading import ModelLoadError, VocabularyMismatch
+    from uniopd.teachers.base import TeacherServiceError
 
     try:
         return args.run(args)
-    except (ConfigError, RecordError, ModelLoadError, VocabularyMismatch, FileNotFoundError, ValueError) as exc:
+    # OSError: the disk is full, the run directory read-only, a path is not what it should be:
+    # the user's environment, not a bug, so one line naming the path (the traceback with -v).
+    except (ConfigError, RecordError, ModelLoadError, VocabularyMismatch, FileNotFoundError, ValueError,
+            OSError, TeacherServiceError) as exc:
+        logging.getLogger("uniopd").debug("traceback of the error below", exc_info=True)
         print(f"uniopd {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

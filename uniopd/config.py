@@ -8,6 +8,8 @@ Unknown keys and wrong types fail with a `ConfigError` that names the dotted key
 from __future__ import annotations
 
 import dataclasses
+import math
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,6 +19,8 @@ from typing import Any
 import yaml
 
 from uniopd.algo.losses.registry import LOSS_KINDS
+from uniopd.config_yaml import ConfigYAMLError, load_yaml
+from uniopd.safe_io import FileRefused, read_regular
 
 
 class ConfigError(ValueError):
@@ -31,9 +35,23 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
     return field(default=default, metadata={"help": help}, **kw)
 
 
+# Error messages show values through this: a value can be huge (a pasted file, an expanded
+# YAML alias graph), and a full repr of it can take longer and more memory than the run.
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother, _REPR.maxlong = 3, 80, 80, 40
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = 6
+
+
+def _short(value: Any) -> str:
+    return _REPR.repr(value)
+
+
 def _check_choice(key: str, value: Any, choices: tuple) -> None:
     if value not in choices:
-        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, choices))}")
+        raise ConfigError(f"{key}: {_short(value)} is not one of {', '.join(map(repr, choices))}")
+
+
+_MAX_THREADS = 4096  # torch.set_num_threads overflows far below the int64 bound on ints
 
 
 def _check_range(key: str, value: float, lo: float | None = None, hi: float | None = None,
@@ -76,18 +94,56 @@ class TeacherConfig(ModelConfig):
     image_template: str = _f("[image: {text}]",
                              "image_text view: how each image is written as text; field: {text} (the record's image_text)")
     self_distill: bool = _f(False, "the teacher is the student's own frozen initial weights (path may be empty)")
-    backend: str = _f("local", "teacher scorer: local (a frozen model in this process) or a dotted path "
-                               "package.module:Class (a uniopd.teachers.base.TeacherScorer)")
+    backend: str = _f("local", "teacher scorer: local (a frozen model in this process), remote (inference "
+                               "servers: `urls`, `api`), cache (precomputed by `uniopd cache-teacher`: `cache`), "
+                               "vllm (an in-process vLLM engine, extra uniopd[vllm]) "
+                               "or a dotted path package.module:Class (a uniopd.teachers.base.TeacherScorer)")
     top_k: int | None = _f(None, "return only the teacher's top-k ids and log-probs per token, as served "
                                  "teachers do (feeds loss.kind=topk with topk_source=teacher); None: hidden states")
+    max_failed_share: float = _f(0.5, "stop the run when more than this share of a step's rows got no signal from "
+                                      "this teacher (a server down, timing out or answering garbage); the rows "
+                                      "below it train without a teacher signal (zero advantage, out of the loss)")
+    # Backend-specific keys (None = the backend's default): a backend that does not read one
+    # refuses it when it is set (`TeacherScorer.options`), so no key is silently ignored.
+    urls: list[str] | None = _f(None, "remote: teacher server base URLs (http://host:port), used round-robin")
+    api: str | None = _f(None, "remote: the servers' API: vllm (/v1/completions with prompt_logprobs) | sglang "
+                               "(/generate with input_ids) | uniopd (`uniopd serve-teacher`'s /v1/score); "
+                               "default vllm")
+    served_model: str | None = _f(None, "remote: the model name sent in vllm/uniopd requests (default: the first "
+                                        "of the server's /v1/models)")
+    api_key_env: str | None = _f(None, "remote: environment variable holding the servers' bearer token (the token "
+                                       "itself never goes into a config file)")
+    timeout_s: float | None = _f(None, "remote: seconds one request may take before it is retried (default 60)")
+    retries: int | None = _f(None, "remote: retries of a failed request, with exponential backoff and jitter, "
+                                   "each on the next URL (default 3)")
+    backoff_s: float | None = _f(None, "remote: first retry delay in seconds; doubles per retry, jittered "
+                                       "(default 0.5)")
+    concurrency: int | None = _f(None, "remote: requests in flight at once, over all URLs (default 8)")
+    request_batch: int | None = _f(None, "remote: sequences per request (default 4)")
+    cache: str | None = _f(None, "cache: directory written by `uniopd cache-teacher` (a manifest plus shards)")
 
     def validate(self, key: str) -> None:
         if not self.self_distill:
             super().validate(key)
         if not self.backend:
-            raise ConfigError(f"{key}.backend: empty; use local or a dotted path package.module:Class")
+            raise ConfigError(f"{key}.backend: empty; use local, remote, cache or a dotted path package.module:Class")
         if self.top_k is not None:
             _check_range(f"{key}.top_k", self.top_k, 1)
+        _check_range(f"{key}.max_failed_share", self.max_failed_share, 0.0, 1.0)
+        if self.urls is not None:
+            if not self.urls:
+                raise ConfigError(f"{key}.urls: empty; give one or more http://host:port")
+            for i, url in enumerate(self.urls):
+                if not url.startswith(("http://", "https://")):
+                    raise ConfigError(f"{key}.urls[{i}]: {url!r} is not an http:// or https:// URL")
+        if self.api is not None:
+            _check_choice(f"{key}.api", self.api, ("vllm", "sglang", "uniopd"))
+        for name in ("timeout_s", "backoff_s"):
+            if getattr(self, name) is not None:
+                _check_range(f"{key}.{name}", getattr(self, name), 0.0, lo_open=True)
+        for name, lo in (("retries", 0), ("concurrency", 1), ("request_batch", 1)):
+            if getattr(self, name) is not None:
+                _check_range(f"{key}.{name}", getattr(self, name), lo)
         _check_choice(f"{key}.view", self.view, ("same", "teacher_prompt", "privileged", "template",
                                                            "image_text"))
 
@@ -110,8 +166,9 @@ class DataConfig:
 
 @dataclass
 class RolloutConfig:
-    backend: str = _f("hf", "rollout engine: hf (the batched KV-cache loop in uniopd/rollout/hf.py) or a "
-                            "dotted path package.module:Class (a uniopd.rollout.base.RolloutEngine)")
+    backend: str = _f("hf", "rollout engine: hf (the batched KV-cache loop in uniopd/rollout/hf.py), vllm (a "
+                            "colocated vLLM engine, extra uniopd[vllm]) or a dotted path package.module:Class "
+                            "(a uniopd.rollout.base.RolloutEngine)")
     prompts_per_step: int = _f(8, "prompts sampled per training step")
     n: int = _f(4, "rollouts per prompt (the group)")
     temperature: float = _f(1.0, "sampling temperature")
@@ -124,19 +181,48 @@ class RolloutConfig:
                              "else the model's forward) | hf (always the model's forward)")
     threads: int | None = _f(None, "torch CPU threads while decoding (default: trainer.threads); small "
                                    "decode ops can run faster on fewer threads than the update's matmuls")
+    old_logprobs: str = _f("trainer", "PPO old log-probs when the engine's differ from the trainer's (vllm): "
+                                      "trainer (recomputed by the student before the update, ratio starts at 1) "
+                                      "| engine (also weight each token by min(exp(trainer - engine), tis_cap), "
+                                      "truncated importance sampling for the engine having drawn it)")
+    tis_cap: float = _f(2.0, "old_logprobs=engine: cap of the truncated importance-sampling weight")
+    # Engine-specific keys (vllm_*): an engine that does not read one refuses it when it is set.
+    vllm_gpu_memory_utilization: float | None = _f(None, "vllm: share of GPU memory (on CPU: of RAM) the engine "
+                                                         "reserves for weights and KV cache (default 0.4)")
+    vllm_tensor_parallel_size: int | None = _f(None, "vllm: GPUs the engine shards the student over (default 1; "
+                                                     "only 1 so far: the weight sync is in-process)")
+    vllm_max_model_len: int | None = _f(None, "vllm: longest prompt + response the engine holds (default: the "
+                                              "model's max_position_embeddings)")
+    vllm_enable_sleep_mode: bool | None = _f(None, "vllm, GPU only: release the engine's KV cache and weights "
+                                                   "while the trainer updates, wake it to sample")
+    replay_responses: str | None = _f(None, "replay: the fixed response file (`uniopd generate` format) replayed "
+                                            "as every step's rollouts (Lightning OPD, with a teachers.<name>."
+                                            "backend=cache teacher)")
 
     def validate(self, key: str) -> None:
-        if self.backend == "vllm":
-            raise ConfigError(f"{key}.backend=vllm: the vLLM rollout backend is not built yet; use hf")
         if not self.backend:
-            raise ConfigError(f"{key}.backend: empty; use hf or a dotted path package.module:Class")
+            raise ConfigError(f"{key}.backend: empty; use hf, vllm or a dotted path package.module:Class")
+        if (self.replay_responses is None) != (self.backend != "replay"):
+            raise ConfigError(f"{key}.replay_responses is read by {key}.backend=replay only, and that backend needs "
+                              f"it (got backend={self.backend!r}, replay_responses={self.replay_responses!r})")
+        _check_choice(f"{key}.old_logprobs", self.old_logprobs, ("trainer", "engine"))
+        _check_range(f"{key}.tis_cap", self.tis_cap, 0.0, lo_open=True)
+        if self.old_logprobs == "trainer" and self.tis_cap != 2.0:
+            raise ConfigError(f"{key}.tis_cap={self.tis_cap} applies to {key}.old_logprobs=engine only")
+        if self.vllm_gpu_memory_utilization is not None:
+            _check_range(f"{key}.vllm_gpu_memory_utilization", self.vllm_gpu_memory_utilization, 0.0, 1.0,
+                         lo_open=True)
+        for name in ("vllm_tensor_parallel_size", "vllm_max_model_len"):
+            if getattr(self, name) is not None:
+                _check_range(f"{key}.{name}", getattr(self, name), 1)
         _check_choice(f"{key}.decode", self.decode, ("auto", "hf"))
         _check_range(f"{key}.temperature", self.temperature, 0.0, lo_open=True)
         _check_range(f"{key}.top_p", self.top_p, 0.0, 1.0, lo_open=True)
         for name in ("prompts_per_step", "n", "max_new_tokens", "batch_size"):
             _check_range(f"{key}.{name}", getattr(self, name), 1)
+        _check_range(f"{key}.min_new_tokens", self.min_new_tokens, 0, self.max_new_tokens)
         if self.threads is not None:
-            _check_range(f"{key}.threads", self.threads, 1)
+            _check_range(f"{key}.threads", self.threads, 1, _MAX_THREADS)
 
 
 @dataclass
@@ -176,6 +262,10 @@ class LossConfig:
         _check_range(f"{key}.clip_high", self.clip_high, 0.0)
         _check_range(f"{key}.topk", self.topk, 1)
         _check_range(f"{key}.chunk_size", self.chunk_size, 1)
+        # Negative weights would train away from the teacher / the verifier.
+        for name in ("kl_coef", "outcome_weight", "dense_weight"):
+            _check_range(f"{key}.{name}", getattr(self, name), 0.0)
+        _check_range(f"{key}.temperature", self.temperature, 0.0, lo_open=True)
 
 
 @dataclass
@@ -199,6 +289,8 @@ class CalibrationConfig:
         _check_choice(f"{key}.mask_strategy", self.mask_strategy, ("group", "greedy"))
         _check_range(f"{key}.delta", self.delta, 0.0, lo_open=True)
         _check_range(f"{key}.min_retain_ratio", self.min_retain_ratio, 0.0, 1.0)
+        if self.logratio_clip is not None:
+            _check_range(f"{key}.logratio_clip", self.logratio_clip, 0.0, lo_open=True)
 
 
 @dataclass
@@ -237,25 +329,41 @@ class TrainerConfig:
     seed: int = _f(0, "seed of data order, sampling and initialisation")
     threads: int | None = _f(None, "torch CPU threads (default: torch's choice)")
     device: str = _f("auto", "auto | cpu | cuda")
-    strategy: str = _f("single", "training strategy (processes, model wrapping, reductions, checkpoint "
-                                 "writing): single (one process)")
+    strategy: str = _f("single", "training strategy: single (one process) | data_parallel (torchrun processes, "
+                                 "`uniopd train --nproc N`; uniopd/train/distributed.py)")
+    student_sharding: str = _f("replicate", "data_parallel: replicate (every process holds the student) | shard "
+                                            "(decoder layers sharded with FSDP2)")
     reuse_cpu_memory: bool = _f(True, "on CPU (glibc), keep freed memory in the process so each step's large "
                                       "tensors skip page faults; RSS settles at or a little above its peak")
     output_dir: str = _f("runs/latest", "run directory: config, metrics, checkpoints")
     save_every: int = _f(50, "checkpoint every K steps (0 = only at the end)")
-    keep_checkpoints: int = _f(2, "checkpoints kept on disk (oldest removed)")
+    keep_checkpoints: int = _f(2, "checkpoints kept on disk (oldest removed; 0 = keep all)")
     eval_every: int = _f(0, "evaluate on data.eval every K steps (0 = off)")
     eval_n: int = _f(1, "samples per eval prompt")
     max_bad_steps: int = _f(5, "stop after this many consecutive non-finite losses/gradients")
 
     def validate(self, key: str) -> None:
         _check_choice(f"{key}.device", self.device, ("auto", "cpu", "cuda"))
-        _check_choice(f"{key}.strategy", self.strategy, ("single",))
+        _check_choice(f"{key}.strategy", self.strategy, ("single", "data_parallel"))
+        _check_choice(f"{key}.student_sharding", self.student_sharding, ("replicate", "shard"))
         for name in ("steps", "micro_batch_size", "mini_batches"):
             _check_range(f"{key}.{name}", getattr(self, name), 1)
         _check_range(f"{key}.lr", self.lr, 0.0)
         if len(self.betas) != 2:
-            raise ConfigError(f"{key}.betas: needs two numbers, got {self.betas!r}")
+            raise ConfigError(f"{key}.betas: needs two numbers, got {_short(self.betas)}")
+        for i, beta in enumerate(self.betas):
+            if not 0.0 <= beta < 1.0:  # AdamW's own check, named here instead of deep in torch
+                raise ConfigError(f"{key}.betas[{i}]: {beta!r} must be >= 0 and < 1")
+        for name in ("weight_decay", "grad_clip"):
+            _check_range(f"{key}.{name}", getattr(self, name), 0.0)
+        # 0 means off (save_every: only at the end; keep_checkpoints: keep all; eval_every: no eval).
+        for name in ("warmup_steps", "save_every", "keep_checkpoints", "eval_every"):
+            _check_range(f"{key}.{name}", getattr(self, name), 0)
+        for name in ("eval_n", "max_bad_steps"):
+            _check_range(f"{key}.{name}", getattr(self, name), 1)
+        _check_range(f"{key}.seed", self.seed, 0, 2**63 - 2)  # torch generators take seed + 1
+        if self.threads is not None:
+            _check_range(f"{key}.threads", self.threads, 1, _MAX_THREADS)
 
 
 @dataclass
@@ -285,6 +393,9 @@ class LoggingConfig:
     progress: bool = _f(True, "show a progress bar with ETA")
     log_samples: int = _f(2, "responses written to samples.jsonl per step")
     diagnostics: bool = _f(True, "log top-k overlap, shared mass, entropy gap, full reverse KL (diag/*)")
+
+    def validate(self, key: str) -> None:
+        _check_range(f"{key}.log_samples", self.log_samples, 0)
 
 
 @dataclass
@@ -340,47 +451,61 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
                 return _convert(value, arg, key)
             except ConfigError as exc:
                 errors.append(str(exc))
-        raise ConfigError(f"{key}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
+        if len(errors) == 1:  # `T | None`: T's own message says more ("not a finite number", ...)
+            raise ConfigError(errors[0])
+        raise ConfigError(f"{key}: expected {' or '.join(_type_name(a) for a in args)}, got {_short(value)}")
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
+            raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {_short(value)}")
         return _build(tp, value, key)
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if isinstance(value, tuple):
             value = list(value)
         if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
+            raise ConfigError(f"{key}: expected a list, got {_short(value)}")
         return [_convert(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         key_tp, val_tp = typing.get_args(tp)
         if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+            raise ConfigError(f"{key}: expected a mapping, got {_short(value)}")
         return {str(k): _convert(v, val_tp, f"{key}.{k}") for k, v in value.items()}
     if tp is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        raise ConfigError(f"{key}: expected true/false, got {_short(value)}")
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
+            if abs(value) >= 2**63:  # past int64, torch and numpy fail far from the key
+                raise ConfigError(f"{key}: {_short(value)} is too large")
             return value
-        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        raise ConfigError(f"{key}: expected an integer, got {_short(value)}")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = value
+        elif isinstance(value, str):
             # YAML 1.1 reads "1e-6" (no dot) as a string; users write it that way all the time.
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if number is None:
+            raise ConfigError(f"{key}: expected a number, got {_short(value)}")
+        try:
+            number = float(number)
+        except OverflowError:  # an int past float range
+            number = math.inf
+        # No key means NaN or infinity: lr=inf "trains" to non-finite weights and exits 0.
+        if not math.isfinite(number):
+            raise ConfigError(f"{key}: {_short(value)} is not a finite number")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
-        raise ConfigError(f"{key}: expected a string, got {value!r}")
+        raise ConfigError(f"{key}: expected a string, got {_short(value)}")
     if tp is Any:
         return value
     raise ConfigError(f"{key}: unsupported field type {tp!r}")
@@ -407,7 +532,7 @@ _YAML_FAILURES = (yaml.YAMLError, ValueError, TypeError, KeyError, AttributeErro
 
 def _parse_scalar(text: str) -> Any:
     try:
-        return yaml.safe_load(text)
+        return load_yaml(text, "<override>")
     except _YAML_FAILURES:
         # Not YAML (or a bad tag such as "!!int x"): keep the text; the field type decides.
         return text
@@ -449,7 +574,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if not path.exists():
             raise ConfigError(f"config file not found: {path}")
         try:
-            loaded = yaml.safe_load(path.read_text()) or {}
+            # A FIFO or /dev/zero given as the config must fail at once, not hang or fill memory.
+            loaded = load_yaml(read_regular(path, what="config file", kind="config").decode("utf-8"),
+                               str(path)) or {}
+        except (ConfigYAMLError, FileRefused) as exc:  # their messages already name the file (and line)
+            raise ConfigError(str(exc)) from None
         except (*_YAML_FAILURES, OSError) as exc:
             raise ConfigError(f"{path}: cannot read the config: {type(exc).__name__}: {exc}") from None
         if not isinstance(loaded, dict):

@@ -19,6 +19,7 @@ from uniopd.data.records import PromptRecord
 from uniopd.models.loading import LoadedModel
 from uniopd.models.multimodal import StudentVision
 from uniopd.rollout.base import RolloutEngine, build_rollout_engine
+from uniopd.rewards import verify_batch
 from uniopd.rollout.collect import ResponseVerifier, sample_and_verify
 
 
@@ -60,15 +61,57 @@ def evaluate_model(loaded: LoadedModel, records: list[PromptRecord], rollout_cfg
     if bar:
         bar.close()
 
-    def summarise(rows: list[list[bool]]) -> dict[str, float]:
-        out = {f"avg@{n}": sum(sum(r) / len(r) for r in rows) / max(len(rows), 1)}
-        for j in sorted({1, n}):
-            out[f"pass@{j}"] = sum(pass_at_k(len(r), sum(r), j) for r in rows) / max(len(rows), 1)
-        return out
+    return summarise_correctness(records, correct_by_prompt, n)
 
-    metrics = summarise(correct_by_prompt)
+
+def _pass_ks(n: int) -> list[int]:
+    return sorted({1, n} | {2 ** i for i in range(1, n.bit_length()) if 2 ** i < n})
+
+
+def _summarise(rows: list[list[bool]], n: int) -> dict[str, float]:
+    out = {f"avg@{n}": sum(sum(r) / len(r) for r in rows) / max(len(rows), 1)}
+    for j in _pass_ks(n):
+        out[f"pass@{j}"] = sum(pass_at_k(len(r), sum(r), j) for r in rows) / max(len(rows), 1)
+    return out
+
+
+def summarise_correctness(records: list[PromptRecord], correct_by_prompt: list[list[bool]], n: int) -> dict[str, Any]:
+    """avg@n and unbiased pass@j (j = 1, 2, 4, ..., n) overall and per domain; n samples per prompt."""
     by_domain: dict[str, list[list[bool]]] = defaultdict(list)
     for r, c in zip(records, correct_by_prompt):
         by_domain[r.domain].append(c)
-    per_domain = {d: summarise(rows) for d, rows in sorted(by_domain.items())}
-    return {"metrics": metrics, "per_domain": per_domain, "num_prompts": len(records), "samples_per_prompt": n}
+    per_domain = {d: _summarise(rows, n) for d, rows in sorted(by_domain.items())}
+    return {"metrics": _summarise(correct_by_prompt, n), "per_domain": per_domain, "num_prompts": len(records),
+            "samples_per_prompt": n}
+
+
+def evaluate_responses(records: list[PromptRecord], responses: dict[str, list[str]],
+                       data_cfg: DataConfig) -> dict[str, Any]:
+    """Grade given responses (record id -> its responses, the same number for every record)
+    with the records' verifiers, and summarise them as `evaluate_model` does."""
+    missing = [r.id for r in records if r.id not in responses]
+    if missing:
+        raise ValueError(f"no response for {len(missing)} records, e.g. {missing[:3]}")
+    counts = {len(responses[r.id]) for r in records}
+    if len(counts) != 1:
+        raise ValueError(f"every record needs the same number of responses; found {sorted(counts)}")
+    n = counts.pop()
+    flat_records = [r for r in records for _ in range(n)]
+    texts = [t for r in records for t in responses[r.id]]
+    outcomes = verify_batch(texts, flat_records, domain_defaults=data_cfg.domain_verifiers or None)
+    correct = [o.correct for o in outcomes]
+    return summarise_correctness(records, [correct[i * n:(i + 1) * n] for i in range(len(records))], n)
+
+
+def results_markdown(results: dict[str, dict[str, Any]]) -> str:
+    """Markdown tables of `{benchmark: result}`: one row per benchmark, then one per domain."""
+    lines = []
+    for title, rows in (("benchmark", {k: v["metrics"] for k, v in results.items()}),
+                        ("benchmark / domain", {f"{k} / {d}": m for k, v in results.items()
+                                                for d, m in v["per_domain"].items()})):
+        keys = sorted({key for m in rows.values() for key in m}, key=lambda k: (k.split("@")[0], int(k.split("@")[1])))
+        lines += [f"| {title} | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+        lines += [f"| {name} | " + " | ".join(f"{100 * m[k]:.1f} %" if k in m else "" for k in keys) + " |"
+                  for name, m in rows.items()]
+        lines.append("")
+    return "\n".join(lines)

@@ -45,14 +45,14 @@ def test_hidden_states_are_asked_for_only_when_something_uses_them(tmp_path):
 
 
 @pytest.mark.parametrize("key, value, message", [
-    ("rollout.backend", "vllm2", r"rollout.backend: 'vllm2' is not one of 'hf' and not a dotted path"),
+    ("rollout.backend", "vllm2", r"rollout.backend: 'vllm2' is not one of 'hf'.* and not a dotted path"),
     ("rollout.backend", "no_such_module_x:Engine", r"rollout.backend: cannot import 'no_such_module_x'"),
     ("rollout.backend", "external_backends:Missing", r"rollout.backend: module 'external_backends' has no attribute"),
     ("rollout.backend", "external_backends:LogpOnlyScorer", r"rollout.backend: .* is not a subclass of "
                                                            r"uniopd.rollout.base.RolloutEngine"),
     ("teachers.t.backend", "external_backends:NotAScorer", r"teachers.t.backend: .* is not a subclass of "
                                                           r"uniopd.teachers.base.TeacherScorer"),
-    ("teachers.t.backend", "remote", r"teachers.t.backend: 'remote' is not one of 'local'"),
+    ("teachers.t.backend", "grpc", r"teachers.t.backend: 'grpc' is not one of 'local', 'remote', 'cache'"),
 ])
 def test_unknown_backends_fail_naming_the_key(tmp_path, key, value, message):
     with pytest.raises(ConfigError, match=message):

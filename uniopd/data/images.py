@@ -23,6 +23,8 @@ from typing import Any
 
 from PIL import Image
 
+from uniopd.safe_io import FileRefused, limit, read_regular
+
 __all__ = [
     "is_data_uri",
     "is_remote_url",
@@ -80,6 +82,9 @@ def decode_data_uri(ref: str) -> bytes:
         raise ValueError(f"invalid base64 in data URI: {e}") from None
     if not data:
         raise ValueError("empty data URI")
+    if len(data) > limit("image"):
+        raise ValueError(f"data URI holds {len(data)} bytes, over the {limit('image')} byte limit for images "
+                         f"(UNIOPD_MAX_IMAGE_BYTES)")
     return data
 
 
@@ -92,12 +97,17 @@ def image_bytes(ref: str, base_dir: str | os.PathLike[str] | None = None) -> byt
     if is_remote_url(ref):
         raise ValueError("remote image URLs are not fetched; download the image and use its path")
     path = resolve_image_path(ref, base_dir)
+    return _read_image_file(path)
+
+
+def _read_image_file(path: Path) -> bytes:
+    # Regular files only, size-limited: a FIFO would hang the loader, /dev/zero fill memory.
     try:
-        return path.read_bytes()
+        return read_regular(path, what="image", kind="image")
+    except FileRefused:  # not a regular file, or over the limit: the message names the path
+        raise
     except FileNotFoundError:
         raise FileNotFoundError(f"file not found: {path}") from None
-    except IsADirectoryError:
-        raise ValueError(f"is a directory: {path}") from None
     except (OSError, ValueError) as e:  # permission, name too long, embedded NUL, ...
         raise ValueError(f"cannot read {path}: {e}") from None
 
@@ -136,7 +146,7 @@ def image_to_data_uri(image: Any, format: str = "PNG") -> str:
         if image.get("bytes"):
             image = image["bytes"]
         elif image.get("path"):
-            image = Path(image["path"]).read_bytes()
+            image = _read_image_file(Path(image["path"]))
         else:
             raise ValueError("image dict has neither 'bytes' nor 'path'")
     if isinstance(image, (bytes, bytearray, memoryview)):

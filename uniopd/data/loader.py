@@ -18,12 +18,14 @@ for JSONL, the 0-based item / row index otherwise.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import gzip
 import json
 import logging
 import os
 import tempfile
+import zlib
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +34,7 @@ from typing import IO, Any
 from uniopd.data.images import image_to_data_uri
 from uniopd.data.records import PromptRecord
 from uniopd.data.validate import PSEUDO_FIELDS, RecordError, check_field_map, record_from_obj
+from uniopd.safe_io import FileRefused, limit, open_regular
 
 __all__ = [
     "SkippedRecord",
@@ -122,10 +125,49 @@ def _stem(path: Path) -> str:
     return Path(name).stem or name
 
 
-def _open_binary(path: Path) -> IO[bytes]:
-    if path.name.lower().endswith(".gz"):
-        return gzip.open(path, "rb")
-    return open(path, "rb")
+# One record (one JSONL line) at most; past this a "line" is a runaway (a gzip bomb, a file
+# without newlines) that would be held in memory whole. Images inlined as data URIs fit.
+MAX_LINE_BYTES = 256 << 20
+
+
+@contextlib.contextmanager
+def _open_binary(path: Path) -> Iterator[IO[bytes]]:
+    # Regular files only, within the data size limit: a FIFO would hang, /dev/zero fill memory.
+    raw = open_regular(path, what="prompt file", kind="data")
+    try:
+        if path.name.lower().endswith(".gz"):
+            with gzip.GzipFile(fileobj=raw, mode="rb") as gz:
+                yield gz
+        else:
+            yield raw
+    finally:
+        raw.close()
+
+
+def _read_failure(source: str, exc: BaseException) -> ValueError:
+    if isinstance(exc, (gzip.BadGzipFile, EOFError, zlib.error)):
+        return ValueError(f"{source}: not a valid gzip file ({type(exc).__name__}: {exc})")
+    return ValueError(f"{source}: cannot read: {type(exc).__name__}: {exc}")
+
+
+def _read(f: IO[bytes], source: str, size: int, *, line: bool = False) -> bytes:
+    try:
+        return f.readline(size) if line else f.read(size)
+    except (OSError, EOFError, zlib.error) as e:  # a .gz that is not gzip, a truncated one, an I/O error
+        raise _read_failure(source, e) from None
+
+
+def _lines(f: IO[bytes], source: str) -> Iterator[tuple[int, bytes | None]]:
+    """(1-based line number, the line's bytes, or None for a line over MAX_LINE_BYTES)."""
+    lineno = 0
+    while raw := _read(f, source, MAX_LINE_BYTES + 1, line=True):
+        lineno += 1
+        if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
+            while (rest := _read(f, source, 1 << 20, line=True)) and not rest.endswith(b"\n"):
+                pass  # skip the rest of the runaway line without holding it
+            yield lineno, None
+            continue
+        yield lineno, raw
 
 
 def _parse_json_text(text: str, location: str) -> Any:
@@ -142,8 +184,12 @@ def _parse_json_text(text: str, location: str) -> Any:
 def _iter_jsonl(path: Path, source: str) -> Iterator[tuple[str, int, Any]]:
     """(location, line number, parsed object or RecordError) for each non-blank line."""
     with _open_binary(path) as f:
-        for lineno, raw in enumerate(f, start=1):
+        for lineno, raw in _lines(f, source):
             location = f"{source}:{lineno}"
+            if raw is None:
+                yield location, lineno, RecordError(location, "<json>", f"line longer than {MAX_LINE_BYTES} bytes; "
+                                                                        f"one record must be smaller")
+                continue
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as e:
@@ -172,8 +218,12 @@ def iter_jsonl_raw(path: str | os.PathLike[str]) -> Iterator[tuple[int, Any]]:
 
 
 def _iter_json(path: Path, source: str) -> Iterator[tuple[str, int, Any]]:
+    max_bytes = limit("data")
     with _open_binary(path) as f:
-        raw = f.read()
+        raw = _read(f, source, max_bytes + 1)  # bounded: a .json.gz can expand far past its size
+    if len(raw) > max_bytes:
+        raise FileRefused(f"prompt file {source}: decompresses to more than {max_bytes} bytes, the limit for data "
+                          f"files (UNIOPD_MAX_DATA_BYTES)")
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
@@ -232,15 +282,16 @@ def _iter_parquet(path: Path, source: str, field_map) -> Iterator[tuple[str, int
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    try:
-        pf = pq.ParquetFile(path)
-    except (pa.ArrowException, OSError) as e:
-        raise ValueError(f"cannot read parquet file {source}: {e}") from None
-    offset = 0
-    for batch in pf.iter_batches(batch_size=1024):
-        for row in batch.to_pylist():
-            yield f"{source} row {offset}", offset, _foreign_row(row, field_map)
-            offset += 1
+    with open_regular(path, what="prompt file", kind="data") as fh:
+        try:
+            pf = pq.ParquetFile(fh)
+        except (pa.ArrowException, OSError) as e:
+            raise ValueError(f"cannot read parquet file {source}: {e}") from None
+        offset = 0
+        for batch in pf.iter_batches(batch_size=1024):
+            for row in batch.to_pylist():
+                yield f"{source} row {offset}", offset, _foreign_row(row, field_map)
+                offset += 1
 
 
 def _pick_split(dsd: Any, split: str | None, source: str) -> Any:

@@ -5,10 +5,18 @@ record, "truncate" keeps the last tokens (the part next to the response), "skip"
 record; truncated and skipped records are counted and reported, never silently lost.
 Prompts with images (a vision-language student, `encode` given) are never truncated: a
 cut could split an image's placeholder tokens; "truncate" is an error for them.
+
+Characters are checked before tokens: tokenising costs hundreds of bytes per character, so
+a 10 MB prompt would take gigabytes before its length is known. A prompt of more than
+CHARS_PER_TOKEN * max_prompt_tokens characters cannot fit (no real tokenizer averages that
+many characters per token) and meets the policy untokenised; "truncate" first keeps its last
+that many characters (the kept record carries the cut prompt, so teachers never tokenise
+the whole either), then cuts tokens as usual.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 from uniopd.config import DataConfig, ModelConfig
@@ -18,18 +26,69 @@ from uniopd.models.prompts import render_prompt
 log = logging.getLogger(__name__)
 
 
+CHARS_PER_TOKEN = 64
+
+
 class PromptTooLong(ValueError):
     pass
 
 
+def _where(record: PromptRecord) -> str:
+    return f"{record.location}: record {record.id!r}" if record.location else f"record {record.id!r}"
+
+
+def _text_chars(prompt) -> int:
+    if isinstance(prompt, str):
+        return len(prompt)
+    total = 0
+    for msg in prompt:
+        content = msg.get("content")
+        if isinstance(content, str):
+            total += len(content)
+        elif isinstance(content, list):
+            total += sum(len(p.get("text") or "") for p in content if p.get("type") == "text")
+    return total
+
+
+def _keep_last_chars(prompt, budget: int):
+    """The prompt with text cut from its start until at most `budget` characters remain
+    (messages and image parts stay; their earliest text goes first)."""
+    def cut(text: str) -> str:
+        nonlocal budget
+        kept = text[max(0, len(text) - budget):]
+        budget -= len(kept)
+        return kept
+
+    if isinstance(prompt, str):
+        return cut(prompt)
+    out = []
+    for msg in reversed(prompt):
+        content = msg.get("content")
+        if isinstance(content, str):
+            msg = {**msg, "content": cut(content)}
+        elif isinstance(content, list):
+            parts = [{**p, "text": cut(p.get("text") or "")} if p.get("type") == "text" else p
+                     for p in reversed(content)]
+            msg = {**msg, "content": parts[::-1]}
+        out.append(msg)
+    return out[::-1]
+
+
 def load_prompt_records(data_cfg: DataConfig, path: str | None, *, require_target: bool = True) -> list[PromptRecord]:
     from uniopd.data.loader import load_records
+    from uniopd.data.validate import RecordError
 
     if not path:
         raise ValueError("data.train is empty: name a prompt file (.jsonl, .json, .parquet, datasets dir)")
-    result = load_records(path, skip_invalid=data_cfg.skip_invalid, field_map=data_cfg.field_map or None,
-                          default_domain=data_cfg.default_domain, generate_ids=data_cfg.generate_ids,
-                          require_target=require_target)
+    key = "data.train" if path == data_cfg.train else "data.eval" if path == data_cfg.eval else "prompt file"
+    try:
+        result = load_records(path, skip_invalid=data_cfg.skip_invalid, field_map=data_cfg.field_map or None,
+                              default_domain=data_cfg.default_domain, generate_ids=data_cfg.generate_ids,
+                              require_target=require_target)
+    except RecordError:  # names file:line and field already
+        raise
+    except ValueError as exc:  # the file as a whole (not gzip, a FIFO, too large, empty): name the key too
+        raise ValueError(f"{key}: {exc}") from None
     if result.skipped:
         log.warning(result.summary())
     return result.records
@@ -48,26 +107,39 @@ def prepare_prompts(records: list[PromptRecord], tokenizer, model_cfg: ModelConf
     limit = model_cfg.max_prompt_tokens
     with_images = 0
     for record in records:
+        chars, cut = _text_chars(record.prompt), False
+        if chars > CHARS_PER_TOKEN * limit:
+            if data_cfg.overlong == "error" or (data_cfg.overlong == "truncate" and encode is not None):
+                fix = "skip" if encode is not None else "truncate or skip"
+                raise PromptTooLong(f"{_where(record)}: prompt has {chars} characters, more than {CHARS_PER_TOKEN} "
+                                    f"per token of model.max_prompt_tokens={limit}: it cannot fit "
+                                    f"(set data.overlong={fix})")
+            if data_cfg.overlong == "skip":
+                stats["skipped_overlong"] += 1
+                continue
+            record = dataclasses.replace(record, prompt=_keep_last_chars(record.prompt, CHARS_PER_TOKEN * limit))
+            cut = True
         if encode is not None:
             ids = encode(record)
         else:
             ids = render_prompt(tokenizer, record.prompt, chat_template=model_cfg.chat_template)
             with_images += bool(record_images(record.prompt, record.images))
         if not ids:
-            raise ValueError(f"record {record.id!r}: the prompt renders to zero tokens")
+            raise ValueError(f"{_where(record)}: the prompt renders to zero tokens")
         if len(ids) > limit:
             if data_cfg.overlong == "truncate" and encode is not None:
-                raise PromptTooLong(f"record {record.id!r}: prompt has {len(ids)} tokens with its images, more than "
+                raise PromptTooLong(f"{_where(record)}: prompt has {len(ids)} tokens with its images, more than "
                                     f"model.max_prompt_tokens={limit}; prompts with images are not truncated "
                                     f"(raise the limit or set data.overlong=skip)")
             if data_cfg.overlong == "error":
-                raise PromptTooLong(f"record {record.id!r}: prompt has {len(ids)} tokens, more than "
+                raise PromptTooLong(f"{_where(record)}: prompt has {len(ids)} tokens, more than "
                                     f"model.max_prompt_tokens={limit} (set data.overlong=truncate or skip)")
             if data_cfg.overlong == "skip":
                 stats["skipped_overlong"] += 1
                 continue
             ids = ids[-limit:]
-            stats["truncated"] += 1
+            cut = True
+        stats["truncated"] += cut
         kept.append(record)
         ids_out.append(ids)
     if stats["truncated"] or stats["skipped_overlong"]:

@@ -39,6 +39,9 @@ class PromptRecord:
     verifier: str | None = None
     teacher: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    # Where the record was read ("train.jsonl:12"), for error messages; not data: never
+    # written back by `to_json`, not compared.
+    location: str | None = field(default=None, compare=False, repr=False)
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"id": self.id, "domain": self.domain, "prompt": self.prompt}

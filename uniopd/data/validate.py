@@ -447,6 +447,7 @@ def record_from_obj(
         verifier=verifier,
         teacher=teacher,
         meta=meta,
+        location=location,
     )
 
 

@@ -12,6 +12,7 @@ samples from the new policy.
 
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar
@@ -25,6 +26,8 @@ from uniopd.registry import resolve
 
 ROLLOUT_ENGINES: dict[str, str] = {
     "hf": "uniopd.rollout.hf:HFEngine",
+    "vllm": "uniopd.rollout.vllm:VLLMEngine",
+    "replay": "uniopd.rollout.replay:ReplayEngine",
 }
 
 
@@ -36,6 +39,10 @@ class EngineSupport:
     # "shared": samples from the trainer's own module, so updates are seen at once;
     # "push": holds its own copy of the weights, refreshed by update_weights().
     weight_sync: str = "shared"
+    # True: the sampled tokens' log-probs are the trainer's own computation (PPO ratio starts at
+    # 1 as is); False: another implementation's (vLLM kernels), so the trainer recomputes them.
+    trainer_logprobs: bool = True
+    options: frozenset[str] = frozenset()  # the engine-specific `rollout.vllm_*` keys it reads
 
 
 class RolloutEngine(ABC):
@@ -61,6 +68,16 @@ class RolloutEngine(ABC):
         greedy: argmax decoding (evaluation); generator: the caller's seeded random stream.
         """
 
+    @classmethod
+    def check_config(cls, cfg: RolloutConfig, key: str = "rollout") -> None:
+        """Before any model loads: refuse what this engine cannot do (named by its dotted key)."""
+        for f in dataclasses.fields(cfg):
+            if (f.name.startswith("vllm_") and getattr(cfg, f.name) != f.default
+                    and f.name not in cls.support.options):
+                raise ConfigError(f"{key}.{f.name}={getattr(cfg, f.name)!r} is a vLLM engine setting, but "
+                                  f"{key}.backend={cfg.backend!r} does not read it; set {key}.backend=vllm "
+                                  f"or remove the key")
+
     def update_weights(self, model: torch.nn.Module) -> None:
         """Make the next `sample` use `model`'s current weights (called after each optimizer step)."""
 
@@ -72,9 +89,16 @@ def engine_class(backend: str, key: str = "rollout.backend") -> type[RolloutEngi
     return resolve(key, backend, ROLLOUT_ENGINES, base=RolloutEngine)
 
 
+def checked_engine_class(cfg: RolloutConfig, key: str = "rollout.backend") -> type[RolloutEngine]:
+    """The engine class `cfg.backend` names, after its own start-up checks of `cfg`."""
+    cls = engine_class(cfg.backend, key)
+    cls.check_config(cfg, key.rsplit(".", 1)[0])
+    return cls
+
+
 def build_rollout_engine(cfg: RolloutConfig, student: LoadedModel, *, suppress_ids: list[int] | None = None,
                          key: str = "rollout.backend") -> RolloutEngine:
-    cls = engine_class(cfg.backend, key)
+    cls = checked_engine_class(cfg, key)
     if student.is_multimodal and not cls.support.images:
         raise ConfigError(f"{key}={cfg.backend!r} cannot sample from vision-language students "
                           f"({student.source}); use hf")

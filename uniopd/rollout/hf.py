@@ -239,6 +239,8 @@ def lean_decode_reason(model: PreTrainedModel, decode: str) -> str | None:
     device = next(model.parameters()).device
     if device.type != "cpu":
         return f"the model is on {device.type}, and the lean path is a CPU path"
+    if any(type(p.data).__name__ == "DTensor" for p in model.parameters()):
+        return "the weights are sharded"
     return unsupported_reason(model)
 
 

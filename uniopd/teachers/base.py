@@ -7,7 +7,7 @@ final hidden states (with its output head, for dense losses and diagnostics).
 
 Each scorer declares what it can return from its config alone (`outputs`), so a run checks,
 before any model loads, that the loss and the diagnostics get what they need
-(`uniopd.train.plan`). `teachers.<name>.backend` picks the scorer by name (`local`) or by
+(`uniopd.train.plan`). `teachers.<name>.backend` picks the scorer by name (`local`, `remote`, `cache`) or by
 dotted path (`mypkg.teachers:MyScorer`, a subclass of `TeacherScorer`).
 """
 
@@ -15,31 +15,54 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
 from uniopd.batch import HIDDEN, LOGP, TEACHER_OUTPUTS, TOPK
-from uniopd.config import TeacherConfig
+from uniopd.config import ConfigError, TeacherConfig
 from uniopd.data.records import PromptRecord
 from uniopd.models.loading import LoadedModel
 from uniopd.registry import resolve
 
-__all__ = ["HIDDEN", "LOGP", "TEACHER_OUTPUTS", "TEACHER_SCORERS", "TOPK", "ScorerContext", "TeacherScorer",
-           "TeacherScores", "scorer_class"]
+__all__ = ["BACKEND_OPTIONS", "HIDDEN", "LOGP", "TEACHER_OUTPUTS", "TEACHER_SCORERS", "TOPK", "ScorerContext", "TeacherScorer",
+           "TeacherScores", "TeacherServiceError", "scorer_class"]
 
 TEACHER_SCORERS: dict[str, str] = {
     "local": "uniopd.teachers.local:LocalTeacher",
+    "remote": "uniopd.teachers.remote:RemoteTeacher",
+    "cache": "uniopd.teachers.cache:CachedTeacher",
+    "vllm": "uniopd.teachers.vllm:VLLMTeacher",
 }
+
+# TeacherConfig keys only some backends read; each scorer lists those it reads in `options`.
+BACKEND_OPTIONS = ("urls", "api", "served_model", "api_key_env", "timeout_s", "retries", "backoff_s",
+                   "concurrency", "request_batch", "cache")
+
+
+class TeacherServiceError(RuntimeError):
+    """A teacher service cannot be used: no server answers at start-up, a server tokenises
+    differently from the client, or a step's rows went unscored past `max_failed_share`."""
 
 
 @dataclass
 class TeacherScores:
-    """Flat over the (sequence, token) pairs given, in order; N = total response tokens."""
+    """Flat over the (sequence, token) pairs given, in order; N = total response tokens.
+
+    ok_S: bool [sequences], False where the teacher gave no usable signal for that sequence (a
+    server down, timing out, answering garbage); its tokens are still present in the flat
+    tensors (zeros) so the caller can split by response lengths, but must not train on them.
+    None: every sequence is ok. error: the first failure's reason, for the log and the stop message.
+    metrics: backend-specific numbers for this call (`teacher/<name>/<key>` in the step's metrics).
+    """
 
     logp_N: torch.Tensor
     hidden_NH: torch.Tensor | None = None
     topk_ids_NK: torch.Tensor | None = None
     topk_logp_NK: torch.Tensor | None = None
+    ok_S: torch.Tensor | None = None
+    error: str | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -57,8 +80,19 @@ class ScorerContext:
 class TeacherScorer(ABC):
     """Scores student responses under one teacher. Built with `from_config`."""
 
+    options: ClassVar[frozenset[str]] = frozenset()  # the BACKEND_OPTIONS keys this scorer reads
+
     def __init__(self, name: str, cfg: TeacherConfig):
         self.name, self.cfg = name, cfg
+
+    @classmethod
+    def check_config(cls, cfg: TeacherConfig, key: str) -> None:
+        """Before any model loads: refuse backend keys this scorer would not read (named by dotted key)."""
+        for option in BACKEND_OPTIONS:
+            if getattr(cfg, option) is not None and option not in cls.options:
+                users = {"cache": "cache"}.get(option, "remote")
+                raise ConfigError(f"{key}.{option}={getattr(cfg, option)!r} is read by {key}.backend={users} only, "
+                                  f"but {key}.backend={cfg.backend!r}; set the backend or remove the key")
 
     @classmethod
     @abstractmethod

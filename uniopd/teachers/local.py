@@ -31,9 +31,8 @@ from uniopd.cpu.packed import can_pack, packed_linears
 from uniopd.data.records import PromptRecord
 from uniopd.models.forward import build_layout, output_head, response_logprobs
 from uniopd.models.loading import LoadedModel, check_vocabularies, load_model
-from uniopd.models.prompts import render_prompt
 from uniopd.teachers.base import HIDDEN, LOGP, TOPK, ScorerContext, TeacherScorer, TeacherScores
-from uniopd.teachers.views import teacher_images, teacher_view
+from uniopd.teachers.views import TeacherPrompts
 
 log = logging.getLogger(__name__)
 
@@ -45,13 +44,8 @@ class LocalTeacher(TeacherScorer):
         self.loaded = loaded
         self.chunk_size, self.micro_batch_size = chunk_size, micro_batch_size
         self.suppress_ids = list(suppress_ids or [])
-        self._prompt_cache: dict[tuple[str, str], list[int]] = {}
-        self._encoder = None
-        if loaded.processor is not None:
-            from uniopd.models.multimodal import PromptEncoder
-
-            self._encoder = PromptEncoder(loaded.processor, chat_template=cfg.chat_template,
-                                          system_prompt=cfg.system_prompt)
+        # The view's token ids, rendered as a teacher server's client renders them.
+        self.prompts = TeacherPrompts(cfg, loaded.tokenizer, loaded.processor)
         # CPU fast path, chosen once: fp32 linears on oneDNN-packed copies while scoring.
         self.packed = can_pack(output_head(self.model))
 
@@ -87,19 +81,10 @@ class LocalTeacher(TeacherScorer):
 
     def vision_inputs(self, record: PromptRecord):
         """(ids, MultimodalInputs) of a vision-language teacher's view of the record."""
-        view = teacher_view(record, self.cfg)
-        return self._encoder((record.id, self.cfg.view), record.id, view, teacher_images(record, self.cfg))
+        return self.prompts.vision_inputs(record)
 
     def prompt_ids(self, record: PromptRecord) -> list[int]:
-        key = (record.id, self.cfg.view)
-        if key not in self._prompt_cache:
-            if self._encoder is not None:
-                self._prompt_cache[key] = self.vision_inputs(record)[0]
-                return self._prompt_cache[key]
-            view = teacher_view(record, self.cfg)
-            self._prompt_cache[key] = render_prompt(self.loaded.tokenizer, view, chat_template=self.cfg.chat_template,
-                                                    system_prompt=self.cfg.system_prompt)
-        return self._prompt_cache[key]
+        return self.prompts.ids(record)
 
     @torch.inference_mode()
     def score(self, records: list[PromptRecord], responses: list[list[int]], *,
@@ -123,7 +108,7 @@ class LocalTeacher(TeacherScorer):
             layout = build_layout(prompts, resps, self.loaded.tokenizer.pad_token_id, device,
                                   share_prefix=self.cfg.share_prompt_prefix)
             extra = None
-            if self._encoder is not None:
+            if self.prompts.encoder is not None:
                 from uniopd.models.multimodal import layout_inputs
 
                 extra = layout_inputs(self.model, layout, [self.vision_inputs(r)[1] for r in recs],

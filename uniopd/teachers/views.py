@@ -21,7 +21,7 @@ import logging
 
 from uniopd.config import ConfigError, TeacherConfig
 from uniopd.data.records import PromptRecord
-from uniopd.models.prompts import Prompt, _text_of
+from uniopd.models.prompts import Prompt, _text_of, render_prompt
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,41 @@ def teacher_view(record: PromptRecord, cfg: TeacherConfig) -> Prompt:
         images = _image_parts(record.prompt)  # a vision teacher keeps the images of the prompt
         return [{"role": "user", "content": images + [{"type": "text", "text": text}] if images else text}]
     return record.prompt
+
+
+class TeacherPrompts:
+    """Token ids of a teacher's view of each record, rendered with the teacher's own tokenizer
+    (or its processor, for a vision-language teacher) and cached per (record, view).
+
+    One renderer for every backend: an in-process teacher and a client of a teacher server
+    both score exactly these ids followed by the response, so a served teacher sees the
+    prompt the local one would have seen, token for token.
+    """
+
+    def __init__(self, cfg: TeacherConfig, tokenizer, processor=None):
+        self.cfg, self.tokenizer = cfg, tokenizer
+        self._cache: dict[tuple[str, str], list[int]] = {}
+        self.encoder = None
+        if processor is not None:
+            from uniopd.models.multimodal import PromptEncoder
+
+            self.encoder = PromptEncoder(processor, chat_template=cfg.chat_template, system_prompt=cfg.system_prompt)
+
+    def vision_inputs(self, record: PromptRecord):
+        """(ids, MultimodalInputs) of a vision-language teacher's view of the record."""
+        view = teacher_view(record, self.cfg)
+        return self.encoder((record.id, self.cfg.view), record.id, view, teacher_images(record, self.cfg))
+
+    def ids(self, record: PromptRecord) -> list[int]:
+        key = (record.id, self.cfg.view)
+        if key not in self._cache:
+            if self.encoder is not None:
+                self._cache[key] = self.vision_inputs(record)[0]
+            else:
+                self._cache[key] = render_prompt(self.tokenizer, teacher_view(record, self.cfg),
+                                                 chat_template=self.cfg.chat_template,
+                                                 system_prompt=self.cfg.system_prompt)
+        return self._cache[key]
 
 
 def teacher_images(record: PromptRecord, cfg: TeacherConfig) -> list[str]:

@@ -10,6 +10,7 @@ every hash; a corrupt or partial checkpoint is refused and the previous one is t
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -29,6 +30,47 @@ class CheckpointError(RuntimeError):
     pass
 
 
+class RunDirError(OSError):
+    """The run directory cannot be made or written (disk full, read-only, not a directory);
+    the message names the path. An OSError, so the command line reports it in one line."""
+
+    def __str__(self) -> str:
+        return self.strerror or super().__str__()
+
+
+def prepare_run_dir(path: str | os.PathLike[str], key: str = "trainer.output_dir") -> Path:
+    """Create the run directory, or fail now, naming `key`, if it cannot hold a run."""
+    run_dir = Path(path)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise RunDirError(errno.ENOTDIR, f"{key}: {run_dir} exists and is not a directory") from None
+    except OSError as exc:
+        raise RunDirError(exc.errno, f"{key}: cannot create {run_dir}: {exc.strerror or exc}") from None
+    # access(2) reports a read-only file system even to root, who passes every permission check.
+    if not os.access(run_dir, os.W_OK | os.X_OK):
+        ro = os.statvfs(run_dir).f_flag & os.ST_RDONLY
+        raise RunDirError(errno.EROFS if ro else errno.EACCES,
+                          f"{key}: {run_dir} is not writable" + (" (a read-only file system)" if ro else ""))
+    return run_dir
+
+
+def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, tokenizer: Any,
+                    state: dict[str, Any], **kwargs: Any) -> Path:
+    """Write checkpoint `step` (see `_save_checkpoint`); a failed write raises RunDirError."""
+    try:
+        return _save_checkpoint(run_dir, step, model, tokenizer, state, **kwargs)
+    except Exception as exc:
+        # Disk full, read-only, quota: torch and safetensors raise their own types for it. The
+        # half-written temp dir goes (it frees the space); `latest` and older checkpoints are
+        # untouched, so --resume still finds the previous one.
+        shutil.rmtree(Path(run_dir) / "checkpoints" / f".tmp_step_{step:06d}", ignore_errors=True)
+        final = Path(run_dir) / "checkpoints" / f"step_{step:06d}"
+        raise RunDirError(getattr(exc, "errno", None) or errno.EIO,
+                          f"cannot write checkpoint {final} ({type(exc).__name__}: {exc}); the previous "
+                          f"checkpoint is kept") from exc
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -37,15 +79,16 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, tokenizer: Any,
-                    state: dict[str, Any], *, keep: int = 2) -> Path:
+def _save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, tokenizer: Any,
+                     state: dict[str, Any], *, keep: int = 2, state_dict: dict[str, Any] | None = None) -> Path:
+    """state_dict: the model's full weights when the live model holds shards of them."""
     ckpt_root = Path(run_dir) / "checkpoints"
     ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / f"step_{step:06d}"
     tmp = ckpt_root / f".tmp_step_{step:06d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    model.save_pretrained(tmp, safe_serialization=True)
+    model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": state_dict} if state_dict else {}))
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     torch.save(state, tmp / "trainer_state.pt")

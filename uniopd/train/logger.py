@@ -36,6 +36,14 @@ def _truncate_after(path: Path, step: int) -> None:
     atomic_write_text(path, "".join(keep))
 
 
+def _append(fh: Any, text: str) -> None:
+    try:
+        fh.write(text)
+        fh.flush()
+    except OSError as exc:  # a full disk: name the file (a bare write error names none)
+        raise OSError(exc.errno, f"cannot write {fh.name}: {exc.strerror}") from exc
+
+
 class MetricsLogger:
     def __init__(self, run_dir: Path, cfg: LoggingConfig, total_steps: int, start_step: int = 0):
         self.run_dir, self.cfg = Path(run_dir), cfg
@@ -62,16 +70,14 @@ class MetricsLogger:
 
     def log(self, step: int, metrics: dict[str, Any], samples: list[dict[str, Any]] | None = None) -> None:
         if self._jsonl:
-            self._jsonl.write(json.dumps({"step": step, **{k: _finite(v) for k, v in metrics.items()}}) + "\n")
-            self._jsonl.flush()
+            _append(self._jsonl, json.dumps({"step": step, **{k: _finite(v) for k, v in metrics.items()}}) + "\n")
         if self._tb:
             for k, v in metrics.items():
                 if isinstance(v, (int, float)) and not isinstance(v, bool):
                     self._tb.add_scalar(k, v, step)
         if self._samples and samples:
-            for s in samples[: self.cfg.log_samples]:
-                self._samples.write(json.dumps({"step": step, **s}) + "\n")
-            self._samples.flush()
+            _append(self._samples, "".join(json.dumps({"step": step, **s}) + "\n"
+                                           for s in samples[: self.cfg.log_samples]))
         if self._bar:
             self._bar.update(1)
             keys = ("loss", "teacher_kl", "acc", "resp_len")
@@ -85,3 +91,16 @@ class MetricsLogger:
             self._tb.close()
         if self._bar:
             self._bar.close()
+
+
+class NullLogger:
+    """What processes other than the first use: they log nothing, and touch no file."""
+
+    def __init__(self, run_dir: Path):
+        self.metrics_path = Path(run_dir) / "metrics.jsonl"
+
+    def log(self, step: int, metrics: dict[str, Any], samples: list[dict[str, Any]] | None = None) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from uniopd.algo.losses.registry import loss_kind
 from uniopd.batch import HIDDEN, TOPK
 from uniopd.config import ConfigError, RunConfig
-from uniopd.rollout.base import engine_class
+from uniopd.rollout.base import checked_engine_class
 from uniopd.teachers.base import scorer_class
 
 log = logging.getLogger(__name__)
@@ -39,14 +39,16 @@ def _describe(outputs: frozenset[str]) -> str:
 
 def plan_teachers(cfg: RunConfig) -> TeacherPlan:
     """Check every teacher's scorer against `loss.kind` and `logging.diagnostics`."""
-    engine_class(cfg.rollout.backend)  # an unknown engine fails here too, before any model loads
+    checked_engine_class(cfg.rollout)  # an unknown or misconfigured engine fails here too, before any model loads
     kind = loss_kind(cfg.loss.kind)
     alternatives = kind.teacher_outputs(cfg.loss)
     want: dict[str, frozenset[str]] = {}
     diagnostics: dict[str, bool] = {}
     for name, tcfg in cfg.teachers.items():
         key = f"teachers.{name}"
-        has = scorer_class(name, tcfg).outputs(tcfg)
+        scorer = scorer_class(name, tcfg)
+        scorer.check_config(tcfg, key)
+        has = scorer.outputs(tcfg)
         how = f"{key}.backend={tcfg.backend!r}" + (f" with {key}.top_k={tcfg.top_k}" if tcfg.top_k else "")
         choice = next((alt for alt in alternatives if alt <= has), None)
         if choice is None:

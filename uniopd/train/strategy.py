@@ -2,8 +2,8 @@
 and metrics are reduced, and who reads and writes checkpoints.
 
 The loop (`uniopd.train.trainer`) asks the strategy for each of these and never branches on
-the process layout itself. `trainer.strategy` picks one; `single` (one process, the model
-as loaded) is the only one today. A data-parallel strategy implements the same methods:
+the process layout itself. `trainer.strategy` picks one: `single` (one process, the model
+as loaded) or `data_parallel` (`uniopd.train.distributed`), which implements the same methods:
 `shard` gives each rank its share of a step's prompts, `reduce_sums` sums per-rank
 statistics so the token-mean and metrics are those of the whole batch, `clip_grad_norm`
 reduces the norm across shards, and only `is_main` writes checkpoints and logs.
@@ -11,13 +11,13 @@ reduces the norm across shards, and only `is_main` writes checkpoints and logs.
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from uniopd.config import ConfigError
 from uniopd.models.weights import load_weights
 from uniopd.train.checkpoint import find_resumable, load_trainer_state, save_checkpoint
 
@@ -25,6 +25,8 @@ from uniopd.train.checkpoint import find_resumable, load_trainer_state, save_che
 class TrainingStrategy(ABC):
     rank: int = 0
     world_size: int = 1
+    loss_scale: float = 1.0  # multiplies each loss before backward (undoes a gradient average)
+    pads_micro_batches: bool = False  # every process must run the same number of micro-batches
 
     @property
     def is_main(self) -> bool:
@@ -43,21 +45,45 @@ class TrainingStrategy(ABC):
         """Sums over every process of per-process sums (token counts, loss sums, metric sums)."""
         return sums
 
+    def reduce_max(self, value: float) -> float:
+        """The largest value over every process (stop flags, loop counts)."""
+        return value
+
+    def all_gather_objects(self, obj: Any) -> list[Any]:
+        """Every process's `obj`, in rank order."""
+        return [obj]
+
+    def barrier(self) -> None:
+        """Wait for every process."""
+
+    def full_weights(self, model: torch.nn.Module):
+        """Context in which forwards need no collective (rollouts, evaluation)."""
+        return contextlib.nullcontext()
+
+    def sync_gradients(self, model: torch.nn.Module) -> None:
+        """Sum gradients across processes where the strategy replicates parameters."""
+
     def clip_grad_norm(self, model: torch.nn.Module, max_norm: float) -> torch.Tensor:
         """Clip the global gradient norm (inf: measure only); returns the norm before clipping."""
         return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
 
     def save(self, run_dir: Path, step: int, model: torch.nn.Module, tokenizer: Any, state: dict[str, Any], *,
-             keep: int) -> Path:
+             keep: int, optimizer: torch.optim.Optimizer | None = None) -> Path:
+        """Write a checkpoint: the model, and `state` (holding the optimizer's state_dict)."""
         return save_checkpoint(run_dir, step, model, tokenizer, state, keep=keep)
 
-    def load_latest(self, run_dir: Path, model: torch.nn.Module) -> tuple[Path, dict[str, Any]] | None:
-        """Load the newest verified checkpoint's weights into `model`; (its path, trainer state)."""
+    def load_latest(self, run_dir: Path, model: torch.nn.Module,
+                    optimizer: torch.optim.Optimizer | None = None) -> tuple[Path, dict[str, Any]] | None:
+        """Load the newest verified checkpoint's weights into `model` (and its optimizer state
+        into `optimizer`); (its path, trainer state)."""
         path = find_resumable(run_dir)
         if path is None:
             return None
         load_weights(model, path)
-        return path, load_trainer_state(path)
+        state = load_trainer_state(path)
+        if optimizer is not None:
+            optimizer.load_state_dict(state["optimizer"])
+        return path, state
 
     def close(self) -> None:
         """Tear down what the strategy set up (process groups)."""
@@ -68,13 +94,3 @@ class SingleProcess(TrainingStrategy):
 
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
         return model
-
-
-STRATEGIES: dict[str, type[TrainingStrategy]] = {"single": SingleProcess}
-
-
-def build_strategy(name: str) -> TrainingStrategy:
-    try:
-        return STRATEGIES[name]()
-    except KeyError:
-        raise ConfigError(f"trainer.strategy: {name!r} is not one of {', '.join(STRATEGIES)}") from None

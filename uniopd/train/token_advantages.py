@@ -4,6 +4,8 @@
     then margin shift / mask on returns over all response tokens, then the log-ratio clip
     (`calibration.*`, `uniopd.algo.teacher_side`: the release's order)
     then + outcome_weight · (verifier reward − group baseline) on every kept token
+    rows whose teacher gave no signal (`batch.teacher_ok_B` False) get advantage 0, leave the
+    loss, and are in neither side of any margin
 
 Metrics describe the advantages before calibration (order consistency), and the release's
 `advantages/correct|incorrect` after it.
@@ -24,7 +26,10 @@ def token_advantages(batch: StepBatch, loss_cfg: LossConfig, calib_cfg: Calibrat
     result = calibrate_advantages(adv_BT, batch.old_logp_BT, batch.teacher_logp_BT, batch.mask_BT, batch.correct_B,
                                   batch.group_ids_B, enabled=c.enabled, method=c.method, delta=c.delta, mode=c.mode,
                                   direction=c.direction, scope=c.scope, mask_strategy=c.mask_strategy,
-                                  min_retain_ratio=c.min_retain_ratio, logratio_clip=c.logratio_clip)
+                                  min_retain_ratio=c.min_retain_ratio, logratio_clip=c.logratio_clip,
+                                  # A failed teacher call is no judgement of the rollout: its row is left
+                                  # out of the margins and order-consistency statistics too, not G = 0.
+                                  known_B=batch.teacher_ok_B, teacher_ok_B=batch.teacher_ok_B)
     batch.adv_BT, batch.mask_BT, batch.keep_B, metrics = result
     if batch.balance_keep_B is not None:
         batch.keep_B = batch.keep_B & batch.balance_keep_B

@@ -28,12 +28,13 @@ from uniopd.models.multimodal import StudentVision
 from uniopd.rollout.base import build_rollout_engine
 from uniopd.rollout.collect import ResponseVerifier, collect_step
 from uniopd.runtime import rng_state, set_rng_state, setup_process
-from uniopd.teachers.base import ScorerContext, TeacherScorer, scorer_class
+from uniopd.teachers.base import ScorerContext, TeacherScorer, TeacherServiceError, scorer_class
 from uniopd.teachers.router import Router
 from uniopd.teachers.views import check_views
-from uniopd.train.logger import MetricsLogger
+from uniopd.train.checkpoint import prepare_run_dir
+from uniopd.train.logger import MetricsLogger, NullLogger
 from uniopd.train.plan import plan_teachers
-from uniopd.train.strategy import build_strategy
+from uniopd.train.distributed import build_strategy, gather_step_batch, take_rows
 from uniopd.train.token_advantages import token_advantages
 from uniopd.train.update import policy_update
 
@@ -44,6 +45,10 @@ class TrainingStopped(RuntimeError):
     """Too many consecutive steps with non-finite loss or gradients."""
 
 
+class TeacherUnavailable(TrainingStopped, TeacherServiceError):
+    """A teacher failed on more than `teachers.<name>.max_failed_share` of a step's rows."""
+
+
 class Trainer:
     def __init__(self, cfg: RunConfig, *, records: list[PromptRecord] | None = None,
                  student: LoadedModel | None = None, teachers: dict[str, LoadedModel] | None = None):
@@ -51,10 +56,10 @@ class Trainer:
         self.cfg = cfg
         # Impossible backend / loss / diagnostics combinations fail here, before any model loads.
         self.plan = plan_teachers(cfg)
-        self.strategy = build_strategy(cfg.trainer.strategy)
+        self.strategy = build_strategy(cfg.trainer)
         self.device = setup_process(cfg.trainer)
-        self.run_dir = Path(cfg.trainer.output_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        # A file (/dev/null), a read-only or unwritable directory fails here, naming the key.
+        self.run_dir = prepare_run_dir(cfg.trainer.output_dir)
 
         records = records if records is not None else load_prompt_records(cfg.data, cfg.data.train)
         self.router = Router(cfg.teachers)
@@ -77,15 +82,19 @@ class Trainer:
         self._ids_by_record = {r.id: ids for r, ids in zip(self.records, self.prompt_ids)}
 
         # fused: one kernel over all parameters (the default on CPU is a per-tensor Python loop, ~7x slower).
+        # Sharded and plain parameters cannot share one fused or foreach call.
+        mixed = any(type(p.data).__name__ == "DTensor" for p in self.student.model.parameters())
         self.optimizer = torch.optim.AdamW(self.student.model.parameters(), lr=cfg.trainer.lr,
                                            betas=tuple(cfg.trainer.betas), weight_decay=cfg.trainer.weight_decay,
-                                           fused=self.device.type in ("cpu", "cuda"))
+                                           fused=self.device.type in ("cpu", "cuda") and not mixed,
+                                           foreach=False if mixed else None)
         warmup = cfg.trainer.warmup_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup > 0 else 1.0)
         self.sampler = PromptSampler(list(range(len(self.records))), seed=cfg.trainer.seed,
                                      shuffle=cfg.data.shuffle)
-        self.generator = torch.Generator(self.device).manual_seed(cfg.trainer.seed)
+        # Each process draws its own samples; process 0's stream is the single-process one.
+        self.generator = torch.Generator(self.device).manual_seed(cfg.trainer.seed + 7919 * self.strategy.rank)
         self.generator_cpu = torch.Generator().manual_seed(cfg.trainer.seed + 1)  # balancing choices
         self.step_idx = 0
         self.bad_steps = 0
@@ -118,20 +127,21 @@ class Trainer:
         # A VLM's processor saves its tokenizer, image processor and chat template together.
         return self.strategy.save(self.run_dir, self.step_idx, self.student.model,
                                   self.student.processor or self.student.tokenizer, self.state_dict(),
-                                  keep=self.cfg.trainer.keep_checkpoints)
+                                  keep=self.cfg.trainer.keep_checkpoints, optimizer=self.optimizer)
 
     def resume(self) -> bool:
         """Continue from the newest verified checkpoint in the run directory, if any."""
-        found = self.strategy.load_latest(self.run_dir, self.student.model)
+        found = self.strategy.load_latest(self.run_dir, self.student.model, self.optimizer)
         if found is None:
             return False
         path, state = found
         self.engine.update_weights(self.student.model)
-        self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.sampler.load_state_dict(state["sampler"])
         set_rng_state(state["rng"])
         self.generator.set_state(state["generator"])
+        if self.strategy.rank:  # the checkpoint holds process 0's streams; the others get their own
+            self.generator.manual_seed(self.cfg.trainer.seed + 7919 * self.strategy.rank + 104729 * state["step"])
         self.generator_cpu.set_state(state["generator_cpu"])
         self.step_idx, self.bad_steps = state["step"], state["bad_steps"]
         log.info("resumed from %s at step %d", path, self.step_idx)
@@ -140,31 +150,60 @@ class Trainer:
     # ------------------------------------------------------------------ one step, phase by phase
     def collect(self, indices: list[int]) -> tuple[StepBatch, dict[str, float]]:
         """Rollout + verify, with correctness-aware oversampling and selection when enabled."""
-        return collect_step(self.engine, [self.records[i] for i in indices], [self.prompt_ids[i] for i in indices],
-                            n=self.cfg.rollout.n, balance=self.cfg.balance, verifier=self.verifier,
-                            vision=self.vision, generator=self.generator, generator_cpu=self.generator_cpu)
+        with self.strategy.full_weights(self.student.model):
+            return collect_step(self.engine, [self.records[i] for i in indices],
+                                [self.prompt_ids[i] for i in indices], n=self.cfg.rollout.n, balance=self.cfg.balance,
+                                verifier=self.verifier, vision=self.vision, generator=self.generator,
+                                generator_cpu=self.generator_cpu)
 
-    def score(self, batch: StepBatch) -> None:
-        """Teacher scores for every response token, each row scored by its routed teacher."""
+    def score(self, batch: StepBatch) -> dict[str, float]:
+        """Teacher scores for every response token, each row scored by its routed teacher.
+
+        Rows a teacher could not score (a served teacher down or answering garbage) get
+        `batch.teacher_ok_B` False and their teacher log-probs set to the student's, so nothing
+        downstream reads a signal there; past `max_failed_share` of a teacher's rows the run stops.
+        Returns per-teacher metrics: failed rows, wall time, scored tokens per second.
+        """
         batch.teacher_names = [self.router.teacher_for(r) for r in batch.records]
         teacher_logp_BT = torch.zeros_like(batch.old_logp_BT)
+        ok_B = torch.ones(batch.size, dtype=torch.bool)
+        metrics: dict[str, float] = {}
         for name, teacher in self.teachers.items():
             rows = [b for b, t in enumerate(batch.teacher_names) if t == name]
             if not rows:
                 continue
+            t = time.perf_counter()
             scores = teacher.score([batch.records[b] for b in rows], [batch.samples[b].response_ids for b in rows],
                                    want=self.plan.want[name])
+            seconds = time.perf_counter() - t
             lengths = [len(batch.samples[b].response_ids) for b in rows]
             hidden = scores.hidden_NH.split(lengths) if scores.hidden_NH is not None else [None] * len(rows)
             topk = (list(zip(scores.topk_ids_NK.split(lengths), scores.topk_logp_NK.split(lengths)))
                     if scores.topk_ids_NK is not None else [None] * len(rows))
-            for b, logp, hid, top in zip(rows, scores.logp_N.cpu().split(lengths), hidden, topk):
+            ok_S = scores.ok_S.cpu() if scores.ok_S is not None else torch.ones(len(rows), dtype=torch.bool)
+            for b, logp, hid, top, ok in zip(rows, scores.logp_N.cpu().split(lengths), hidden, topk, ok_S.tolist()):
+                if not ok:
+                    ok_B[b] = False
+                    teacher_logp_BT[b] = batch.old_logp_BT[b]  # log-ratio 0: no signal, even where read
+                    continue
                 teacher_logp_BT[b, : len(logp)] = logp
                 if hid is not None:
                     batch.teacher_hidden[b] = hid
                 if top is not None:
                     batch.teacher_topk[b] = top
+            failed = int((~ok_S).sum())
+            metrics.update({f"teacher/{name}/failed_rows": float(failed), f"teacher/{name}/latency_s": seconds,
+                            f"teacher/{name}/tokens_per_s": sum(lengths) / max(seconds, 1e-9),
+                            **{f"teacher/{name}/{k}": v for k, v in scores.metrics.items()}})
+            share = self.cfg.teachers[name].max_failed_share
+            if failed > share * len(rows):
+                raise TeacherUnavailable(
+                    f"teacher {name!r} gave no usable signal for {failed} of its {len(rows)} rows at step "
+                    f"{self.step_idx + 1}, more than teachers.{name}.max_failed_share={share} ({scores.error}); "
+                    f"stopping without saving (the last checkpoint is intact)")
         batch.teacher_logp_BT = teacher_logp_BT
+        batch.teacher_ok_B = None if bool(ok_B.all()) else ok_B
+        return metrics
 
     def update(self, batch: StepBatch) -> dict[str, float]:
         heads = {n: t.output_head() for n, t in self.teachers.items() if self.plan.needs_hidden(n)}
@@ -188,6 +227,17 @@ class Trainer:
         result.metrics["update/skipped"] = float(result.skipped_steps)
         return result.metrics
 
+    def recompute_old_logprobs(self, batch: StepBatch) -> dict[str, float]:
+        """The engine's log-probs are not the trainer's: recompute them (`uniopd.train.old_logprobs`)."""
+        from uniopd.train.old_logprobs import replace_engine_logprobs, trainer_logprobs
+
+        logp_BT = trainer_logprobs(self.student, batch, [self.prompt_ids_for(r) for r in batch.records],
+                                   temperature=self.cfg.rollout.temperature,
+                                   micro_batch_size=self.cfg.trainer.micro_batch_size,
+                                   chunk_size=self.cfg.loss.chunk_size, share_prefix=self.cfg.model.share_prompt_prefix,
+                                   multimodal=self.vision_inputs(batch.records), suppress_ids=self.suppress_ids or None)
+        return replace_engine_logprobs(batch, logp_BT, self.cfg.rollout)
+
     def prompt_ids_for(self, record: PromptRecord) -> list[int]:
         return self._ids_by_record[record.id]
 
@@ -197,23 +247,33 @@ class Trainer:
         indices = self.strategy.shard(self.sampler.next(self.cfg.rollout.prompts_per_step))
         batch, balance_metrics = self.collect(indices)
         timings["time/rollout"] = time.perf_counter() - t - balance_metrics["time/verify"]
+        if not self.engine.support.trainer_logprobs:
+            t = time.perf_counter()
+            balance_metrics.update(self.recompute_old_logprobs(batch))
+            timings["time/old_logprobs"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        self.score(batch)
+        teacher_metrics = self.score(batch) or {}
         timings["time/teacher"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        calib_metrics = token_advantages(batch, self.cfg.loss, self.cfg.calibration)
+        whole = batch  # with several processes: every process's rows, for whole-batch statistics
+        if self.strategy.world_size > 1:
+            whole, mine = gather_step_batch(self.strategy, batch, len(indices))
+        calib_metrics = token_advantages(whole, self.cfg.loss, self.cfg.calibration)
+        if whole is not batch:
+            take_rows(whole, batch, mine)
         update_metrics = self.update(batch)
         timings["time/update"] = time.perf_counter() - t
 
         self.step_idx += 1
-        metrics = {**self.step_metrics(batch), **balance_metrics, **calib_metrics, **update_metrics, **timings}
+        metrics = {**self.step_metrics(whole), **balance_metrics, **teacher_metrics, **calib_metrics,
+                   **update_metrics, **timings}
         total = sum(timings.values()) + balance_metrics["time/verify"]
         metrics["time/step"] = total
-        metrics["tokens_per_s"] = float(batch.mask_BT.sum()) / max(total, 1e-9)
+        metrics["tokens_per_s"] = float(whole.mask_BT.sum()) / max(total, 1e-9)
         metrics["lr"] = self.scheduler.get_last_lr()[0]
-        return metrics, self.samples_for_log(batch)
+        return metrics, self.samples_for_log(whole)
 
     def step_metrics(self, batch: StepBatch) -> dict[str, float]:
         mask = batch.mask_BT
@@ -258,11 +318,12 @@ class Trainer:
 
     def train(self) -> dict[str, Any]:
         cfg = self.cfg.trainer
-        logger = MetricsLogger(self.run_dir, self.cfg.logging, cfg.steps, start_step=self.step_idx)
+        logger = (MetricsLogger(self.run_dir, self.cfg.logging, cfg.steps, start_step=self.step_idx)
+                  if self.strategy.is_main else NullLogger(self.run_dir))
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         last: dict[str, Any] = {}
         try:
-            while self.step_idx < cfg.steps and self._stop_signal is None:
+            while self.step_idx < cfg.steps and not self._stopping():
                 metrics, samples = self.step()
                 if cfg.eval_every and self.cfg.data.eval and self.step_idx % cfg.eval_every == 0:
                     metrics.update(self.evaluate())
@@ -270,7 +331,7 @@ class Trainer:
                 last = metrics
                 if cfg.save_every and self.step_idx % cfg.save_every == 0:
                     self.save()
-            if self._stop_signal is not None or (cfg.save_every == 0 or self.step_idx % cfg.save_every):
+            if self._stopping() or (cfg.save_every == 0 or self.step_idx % cfg.save_every):
                 self.save()
         finally:
             for s, handler in previous.items():
@@ -279,7 +340,15 @@ class Trainer:
         return {"step": self.step_idx, "metrics": last, "run_dir": str(self.run_dir),
                 "metrics_path": str(logger.metrics_path), "stopped_by_signal": self._stop_signal}
 
+    def _stopping(self) -> bool:
+        """A signal reached any process: all of them finish this step, save and stop together."""
+        return bool(self.strategy.reduce_max(float(self._stop_signal is not None)))
+
     def evaluate(self) -> dict[str, float]:
+        with self.strategy.full_weights(self.student.model):
+            return self._evaluate() if self.strategy.is_main else {}
+
+    def _evaluate(self) -> dict[str, float]:
         from uniopd.evaluate import evaluate_model
 
         if self._eval_records is None:

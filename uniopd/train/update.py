@@ -138,23 +138,34 @@ def policy_update(student: LoadedModel, batch: StepBatch, optimizer: torch.optim
     sums = {"loss": 0.0, "pg_loss": 0.0, "dense_loss": 0.0, "clip_frac": 0.0, "approx_kl": 0.0,
             "grad_norm": 0.0}
     n_opt, skipped = 0, 0
-    if not rows:
+    parallel = strategy.world_size > 1  # then every process takes part in every optimizer step
+    if not rows and not parallel:
         return UpdateResult({"update/rows": 0.0}, 0)
     model.train()
-    per_mini = math.ceil(len(rows) / trainer_cfg.mini_batches)
+    per_mini = max(1, math.ceil(len(rows) / trainer_cfg.mini_batches))
+    n_minis = len(range(0, len(rows), per_mini))
+    if parallel:
+        n_minis = int(strategy.reduce_max(n_minis))
     seq_mean = loss_cfg.aggregation == "seq-mean-token-mean"
     # seq-mean-token-mean, as the release: each response's token losses over its whole length
     # (tokens the clip dropped count as 0), then a mean over responses, masked ones counting as 0.
     responses_B = torch.tensor([len(s.response_ids) for s in batch.samples], dtype=torch.float32)
     rows_with_tokens = int((responses_B > 0).sum())
-    for m_start in range(0, len(rows), per_mini):
-        mini = rows[m_start: m_start + per_mini]
+    for m in range(n_minis):
+        mini = rows[m * per_mini: (m + 1) * per_mini]
         n_tokens = float(mask_BT[mini].sum())
-        n_seqs = rows_with_tokens * len(mini) / len(rows)
+        n_seqs = rows_with_tokens * len(mini) / len(rows) if rows else 0.0
+        if parallel:  # the token (or response) count of the whole mini-batch, over every process
+            n_tokens, n_seqs = (strategy.reduce_sums({"a": n_tokens, "b": n_seqs})[k] for k in ("a", "b"))
         optimizer.zero_grad(set_to_none=True)
         finite = True
-        for u_start in range(0, len(mini), trainer_cfg.micro_batch_size):
-            micro = mini[u_start: u_start + trainer_cfg.micro_batch_size]
+        micros = [mini[u: u + trainer_cfg.micro_batch_size] for u in range(0, len(mini), trainer_cfg.micro_batch_size)]
+        if strategy.pads_micro_batches:  # sharded layers: each forward and backward is a collective
+            micros += [[]] * (int(strategy.reduce_max(len(micros))) - len(micros))
+        for micro in micros:
+            if not micro:
+                _empty_backward(model, student, device)
+                continue
             try:
                 layout = build_layout([prompt_ids[r] for r in micro], [batch.samples[r].response_ids for r in micro],
                                       student.tokenizer.pad_token_id, device, share_prefix=share_prefix)
@@ -169,7 +180,7 @@ def policy_update(student: LoadedModel, batch: StepBatch, optimizer: torch.optim
                                                       extra_inputs=extra, suppress_ids=suppress_ids)
                 idx = (torch.tensor(micro)[layout.row_N.cpu()], layout.col_N.cpu())
                 mask_N = mask_BT[idx].to(device)
-                if diagnostics and m_start == 0:  # the states visited, before this step's update
+                if diagnostics and m == 0:  # the states visited, before this step's update
                     diag_sums += _diagnostic_sums(hidden_NH, output_head(model), batch, micro, teacher_heads or {},
                                                   mask_N, loss_cfg.topk, student.vocab_size, loss_cfg.chunk_size)
                 loss = logp_N.new_zeros(())
@@ -177,6 +188,9 @@ def policy_update(student: LoadedModel, batch: StepBatch, optimizer: torch.optim
                     # With a dense loss the sampled-token term carries only the outcome advantage.
                     adv_N = batch.adv_BT[idx].to(device)
                     weight_N = (1.0 / responses_B[idx[0]]).to(device) if seq_mean else None
+                    if batch.is_weight_BT is not None:
+                        is_weight_N = batch.is_weight_BT[idx].to(device)
+                        weight_N = is_weight_N if weight_N is None else weight_N * is_weight_N
                     pg, stats = ppo_clip_loss(logp_N, batch.old_logp_BT[idx].to(device), adv_N, mask_N,
                                               clip_low=loss_cfg.clip_low, clip_high=loss_cfg.clip_high,
                                               normalizer=n_seqs if seq_mean else n_tokens, token_weight=weight_N)
@@ -191,7 +205,7 @@ def policy_update(student: LoadedModel, batch: StepBatch, optimizer: torch.optim
                     loss = loss + loss_cfg.dense_weight * d
                     sums["dense_loss"] += d.item()
                 if torch.isfinite(loss):
-                    loss.backward()
+                    (loss if strategy.loss_scale == 1.0 else loss * strategy.loss_scale).backward()
             except torch.OutOfMemoryError as exc:
                 lengths = [len(prompt_ids[r]) + len(batch.samples[r].response_ids) for r in micro]
                 raise MicroBatchOOM(
@@ -201,8 +215,13 @@ def policy_update(student: LoadedModel, batch: StepBatch, optimizer: torch.optim
                     f"loss.chunk_size, or enable model.gradient_checkpointing") from exc
             if not torch.isfinite(loss):
                 finite = False
-                break
+                if not strategy.pads_micro_batches:
+                    break
+                continue
             sums["loss"] += loss.item()
+        if parallel:
+            finite = not strategy.reduce_max(float(not finite))
+            strategy.sync_gradients(model)
         grad_norm = strategy.clip_grad_norm(model, trainer_cfg.grad_clip if trainer_cfg.grad_clip > 0 else float("inf"))
         if not finite or not torch.isfinite(grad_norm):
             optimizer.zero_grad(set_to_none=True)
@@ -212,6 +231,12 @@ def policy_update(student: LoadedModel, batch: StepBatch, optimizer: torch.optim
         sums["grad_norm"] += float(grad_norm)
         n_opt += 1
     optimizer.zero_grad(set_to_none=True)
+    counts = {"update/rows": float(len(rows)), "update/tokens": float(mask_BT.sum())}
+    if parallel:  # each process's share of a global mean; the gradient norm is already global
+        sums = {**strategy.reduce_sums({k: v for k, v in sums.items() if k != "grad_norm"}),
+                "grad_norm": sums["grad_norm"]}
+        counts = strategy.reduce_sums(counts)
+        diag_sums = [d for part in strategy.all_gather_objects(diag_sums) for d in part]
     metrics = {k: v / max(n_opt, 1) for k, v in sums.items()}
     if diag_sums:
         from uniopd.algo.metrics import reduce_diagnostic_sums
@@ -221,6 +246,14 @@ def policy_update(student: LoadedModel, batch: StepBatch, optimizer: torch.optim
             per_domain = reduce_diagnostic_sums(sums for d, sums in diag_sums if d == domain)
             metrics.update({f"domain/{domain}/{key.removeprefix('diag/')}": value
                             for key, value in per_domain.items() if key != "diag/num_tokens"})
-    metrics["update/rows"] = float(len(rows))
-    metrics["update/tokens"] = float(mask_BT.sum())
+    metrics.update(counts)
     return UpdateResult(metrics, skipped)
+
+
+def _empty_backward(model: torch.nn.Module, student: LoadedModel, device: torch.device) -> None:
+    """A forward and backward of one padding token with zero loss: a process with fewer
+    micro-batches still takes part in each sharded layer's collectives."""
+    pad = student.tokenizer.pad_token_id
+    layout = build_layout([[pad]], [[pad]], pad, device)
+    logp_N, _ = response_logprobs(model, layout)
+    (logp_N.sum() * 0.0).backward()
