@@ -222,6 +222,11 @@ def _build_root(libc, cfg, iso, uid_owner: str) -> str:
     spec, new = cfg["root"], cfg["root_dir"]
     _mount(libc, None, "/", None, MS_REC | MS_PRIVATE)
     _mount(libc, "tmpfs", new, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=0755")
+    # The workdir first: a bind below it (a venv under /tmp) then lands on it instead of under it.
+    work = new + _INSIDE_WORKDIR
+    os.makedirs(work, exist_ok=True)
+    _mount(libc, "tmpfs", work, "tmpfs", MS_NOSUID | MS_NODEV, f"size={cfg['limits']['tmpfs_mb']}m,mode=0700{uid_owner}")
+    _copy_files(cfg, work)
     for src, dst in spec["binds"]:
         _bind(libc, src, new + dst)
     for path in spec["masks"]:  # installed packages: an empty directory in their place
@@ -239,10 +244,6 @@ def _build_root(libc, cfg, iso, uid_owner: str) -> str:
             _bind(libc, "/dev/" + node, f"{dev}/{node}")
     for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):
         os.symlink(target, f"{dev}/{name}")
-    work = new + _INSIDE_WORKDIR
-    os.makedirs(work, exist_ok=True)
-    _mount(libc, "tmpfs", work, "tmpfs", MS_NOSUID | MS_NODEV, f"size={cfg['limits']['tmpfs_mb']}m,mode=0700{uid_owner}")
-    _copy_files(cfg, work)
     proc = new + "/proc"
     if iso["pidns"]:  # a /proc of this PID namespace only; none at all without one
         os.makedirs(proc, exist_ok=True)

@@ -116,6 +116,13 @@ class TeacherScorer(ABC):
         want: which of `outputs(cfg)` to return; LOGP always comes back.
         """
 
+    def check_want(self, want: frozenset[str]) -> None:
+        """Refuse a request for outputs this scorer's config cannot give (`outputs`)."""
+        unknown = set(want) - self.outputs(self.cfg)
+        if unknown:
+            raise ValueError(f"teacher {self.name!r} cannot return {sorted(unknown)} "
+                             f"(it returns {sorted(self.outputs(self.cfg))})")
+
     def output_head(self) -> torch.Tensor:
         """[V, H] output weight matching the HIDDEN states (only for scorers that return them)."""
         raise NotImplementedError(f"teacher {self.name!r} returns no hidden states")

@@ -90,10 +90,7 @@ class LocalTeacher(TeacherScorer):
     def score(self, records: list[PromptRecord], responses: list[list[int]], *,
               want: frozenset[str] = frozenset({LOGP})) -> TeacherScores:
         """Token scores of each response under this teacher's view of its record."""
-        unknown = set(want) - self.outputs(self.cfg)
-        if unknown:
-            raise ValueError(f"teacher {self.name!r} cannot return {sorted(unknown)} "
-                             f"(it returns {sorted(self.outputs(self.cfg))})")
+        self.check_want(want)
         with packed_linears(self.model) if self.packed else contextlib.nullcontext():
             return self._score(records, responses, HIDDEN in want, TOPK in want)
 

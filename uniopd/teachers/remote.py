@@ -203,10 +203,7 @@ class RemoteTeacher(TeacherScorer):
     # ------------------------------------------------------------------ scoring
     def score(self, records: list[PromptRecord], responses: list[list[int]], *,
               want: frozenset[str] = frozenset({LOGP})) -> TeacherScores:
-        unknown = set(want) - self.outputs(self.cfg)
-        if unknown:
-            raise ValueError(f"teacher {self.name!r} cannot return {sorted(unknown)} "
-                             f"(it returns {sorted(self.outputs(self.cfg))})")
+        self.check_want(want)
         k = self.cfg.top_k if TOPK in want else 0
         prompts = [self.prompts.ids(r) for r in records]
         todo = [i for i, resp in enumerate(responses) if resp]  # an empty response has nothing to score

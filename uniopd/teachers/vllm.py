@@ -101,10 +101,7 @@ class VLLMTeacher(TeacherScorer):
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        unknown = set(want) - self.outputs(self.cfg)
-        if unknown:
-            raise ValueError(f"teacher {self.name!r} cannot return {sorted(unknown)} "
-                             f"(it returns {sorted(self.outputs(self.cfg))})")
+        self.check_want(want)
         want_topk = TOPK in want
         k = self.cfg.top_k if want_topk else 0
         prompts = [self.prompts.ids(r) for r in records]
