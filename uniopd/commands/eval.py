@@ -33,22 +33,18 @@ def add_parser(sub) -> None:
 
 
 def _read_responses(path: Path) -> dict[str, list[str]]:
+    """{record id: its responses} from {id, response} JSONL rows (read as prompt files are: bounded,
+    regular files only); a bad row names file:line and field."""
+    from uniopd.data.loader import iter_jsonl_raw
     from uniopd.data.validate import RecordError
 
     out: dict[str, list[str]] = defaultdict(list)
-    with open(path) as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise RecordError(f"{path}:{lineno}", "<json>", f"invalid JSON: {exc.msg}") from None
-            if not isinstance(row, dict) or not isinstance(row.get("id"), str):
-                raise RecordError(f"{path}:{lineno}", "id", "expected an object with a string id")
-            if not isinstance(row.get("response"), str):
-                raise RecordError(f"{path}:{lineno}", "response", "expected a string")
-            out[row["id"]].append(row["response"])
+    for lineno, row in iter_jsonl_raw(path):
+        if not isinstance(row, dict) or not isinstance(row.get("id"), str):
+            raise RecordError(f"{path}:{lineno}", "id", "expected an object with a string id")
+        if not isinstance(row.get("response"), str):
+            raise RecordError(f"{path}:{lineno}", "response", "expected a string")
+        out[row["id"]].append(row["response"])
     return dict(out)
 
 
