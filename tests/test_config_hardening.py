@@ -85,6 +85,12 @@ def test_out_of_range_values_name_the_key(override, message):
         load_config(None, [override])
 
 
+def test_greedy_eval_refuses_a_sample_count_it_would_ignore():
+    with pytest.raises(ConfigError, match="trainer.eval_greedy=true .* trainer.eval_n=4"):
+        load_config(None, ["trainer.eval_greedy=true", "trainer.eval_n=4"])
+    assert load_config(None, ["trainer.eval_greedy=true"]).trainer.eval_greedy
+
+
 def test_zero_still_means_off_where_the_help_says_so():
     cfg = load_config(None, ["trainer.save_every=0", "trainer.keep_checkpoints=0", "trainer.grad_clip=0",
                              "trainer.eval_every=0", "logging.log_samples=0", "trainer.seed=0"])

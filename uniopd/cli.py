@@ -9,8 +9,8 @@ import sys
 
 from uniopd.config import ConfigError
 
-COMMANDS = ("train", "eval", "demo", "balance", "generate", "sft", "prepare", "config", "serve-teacher",
-            "cache-teacher", "report")
+COMMANDS = ("train", "eval", "demo", "ablate", "balance", "generate", "sft", "prepare", "config", "serve-teacher",
+            "cache-teacher", "report", "export")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,14 +28,16 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     from uniopd.data.validate import RecordError
     from uniopd.models.loading import ModelLoadError, VocabularyMismatch
+    from uniopd.rollout.base import EngineFailed
     from uniopd.teachers.base import TeacherServiceError
+    from uniopd.train.checkpoint import CheckpointError
 
     try:
         return args.run(args)
     # OSError: the disk is full, the run directory read-only, a path is not what it should be:
     # the user's environment, not a bug, so one line naming the path (the traceback with -v).
     except (ConfigError, RecordError, ModelLoadError, VocabularyMismatch, FileNotFoundError, ValueError,
-            OSError, TeacherServiceError) as exc:
+            OSError, TeacherServiceError, CheckpointError, EngineFailed) as exc:
         logging.getLogger("uniopd").debug("traceback of the error below", exc_info=True)
         print(f"uniopd {args.command}: error: {exc}", file=sys.stderr)
         return 2

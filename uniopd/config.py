@@ -8,60 +8,18 @@ Unknown keys and wrong types fail with a `ConfigError` that names the dotted key
 from __future__ import annotations
 
 import dataclasses
-import math
-import reprlib
-import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from uniopd.algo.losses.registry import LOSS_KINDS
+from uniopd.config_base import _MAX_THREADS, ConfigError, _check_choice, _check_range, _f, _short
+from uniopd.config_convert import _YAML_FAILURES, _build, _merge, apply_override
 from uniopd.config_yaml import ConfigYAMLError, load_yaml
 from uniopd.safe_io import FileRefused, read_regular
-
-
-class ConfigError(ValueError):
-    """A bad configuration key or value; the message names the dotted key."""
-
-
-def _f(default: Any, help: str, **kw: Any) -> Any:
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kw)
-    if dataclasses.is_dataclass(default):
-        return field(default_factory=lambda: dataclasses.replace(default), metadata={"help": help}, **kw)
-    return field(default=default, metadata={"help": help}, **kw)
-
-
-# Error messages show values through this: a value can be huge (a pasted file, an expanded
-# YAML alias graph), and a full repr of it can take longer and more memory than the run.
-_REPR = reprlib.Repr()
-_REPR.maxlevel, _REPR.maxstring, _REPR.maxother, _REPR.maxlong = 3, 80, 80, 40
-_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = 6
-
-
-def _short(value: Any) -> str:
-    return _REPR.repr(value)
-
-
-def _check_choice(key: str, value: Any, choices: tuple) -> None:
-    if value not in choices:
-        raise ConfigError(f"{key}: {_short(value)} is not one of {', '.join(map(repr, choices))}")
-
-
-_MAX_THREADS = 4096  # torch.set_num_threads overflows far below the int64 bound on ints
-
-
-def _check_range(key: str, value: float, lo: float | None = None, hi: float | None = None,
-                 lo_open: bool = False) -> None:
-    if value != value:  # NaN passes every comparison below
-        raise ConfigError(f"{key}: NaN is not allowed")
-    if lo is not None and (value < lo or (lo_open and value == lo)):
-        raise ConfigError(f"{key}: {value!r} must be {'>' if lo_open else '>='} {lo}")
-    if hi is not None and value > hi:
-        raise ConfigError(f"{key}: {value!r} must be <= {hi}")
 
 
 @dataclass
@@ -121,6 +79,9 @@ class TeacherConfig(ModelConfig):
     concurrency: int | None = _f(None, "remote: requests in flight at once, over all URLs (default 8)")
     request_batch: int | None = _f(None, "remote: sequences per request (default 4)")
     cache: str | None = _f(None, "cache: directory written by `uniopd cache-teacher` (a manifest plus shards)")
+    shard: bool | None = _f(None, "local: shard this frozen teacher's decoder layers over the data-parallel "
+                                  "processes with FSDP2 (needs trainer.strategy=data_parallel and "
+                                  "share_prompt_prefix=false; default: every process holds the whole teacher)")
 
     def validate(self, key: str) -> None:
         if not self.self_distill:
@@ -333,6 +294,9 @@ class TrainerConfig:
                                  "`uniopd train --nproc N`; uniopd/train/distributed.py)")
     student_sharding: str = _f("replicate", "data_parallel: replicate (every process holds the student) | shard "
                                             "(decoder layers sharded with FSDP2)")
+    checkpoint_format: str = _f("auto", "auto (sharded when the student is sharded, else full) | full (one "
+                                        "save_pretrained directory written by process 0) | sharded (data_parallel: "
+                                        "each process writes its shards with torch.distributed.checkpoint)")
     reuse_cpu_memory: bool = _f(True, "on CPU (glibc), keep freed memory in the process so each step's large "
                                       "tensors skip page faults; RSS settles at or a little above its peak")
     output_dir: str = _f("runs/latest", "run directory: config, metrics, checkpoints")
@@ -340,12 +304,14 @@ class TrainerConfig:
     keep_checkpoints: int = _f(2, "checkpoints kept on disk (oldest removed; 0 = keep all)")
     eval_every: int = _f(0, "evaluate on data.eval every K steps (0 = off)")
     eval_n: int = _f(1, "samples per eval prompt")
+    eval_greedy: bool = _f(False, "evaluate with greedy decoding (one answer per prompt) instead of eval_n samples")
     max_bad_steps: int = _f(5, "stop after this many consecutive non-finite losses/gradients")
 
     def validate(self, key: str) -> None:
         _check_choice(f"{key}.device", self.device, ("auto", "cpu", "cuda"))
         _check_choice(f"{key}.strategy", self.strategy, ("single", "data_parallel"))
         _check_choice(f"{key}.student_sharding", self.student_sharding, ("replicate", "shard"))
+        _check_choice(f"{key}.checkpoint_format", self.checkpoint_format, ("auto", "full", "sharded"))
         for name in ("steps", "micro_batch_size", "mini_batches"):
             _check_range(f"{key}.{name}", getattr(self, name), 1)
         _check_range(f"{key}.lr", self.lr, 0.0)
@@ -361,6 +327,9 @@ class TrainerConfig:
             _check_range(f"{key}.{name}", getattr(self, name), 0)
         for name in ("eval_n", "max_bad_steps"):
             _check_range(f"{key}.{name}", getattr(self, name), 1)
+        if self.eval_greedy and self.eval_n > 1:
+            raise ConfigError(f"{key}.eval_greedy=true draws one answer per prompt; {key}.eval_n={self.eval_n} "
+                              "would be ignored (set one of them)")
         _check_range(f"{key}.seed", self.seed, 0, 2**63 - 2)  # torch generators take seed + 1
         if self.threads is not None:
             _check_range(f"{key}.threads", self.threads, 1, _MAX_THREADS)
@@ -427,142 +396,6 @@ class RunConfig:
                                       f"teacher {claimed[domain]!r}")
                 claimed[domain] = name
         return self
-
-
-# ----------------------------------------------------------------------------- conversion
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def _convert(value: Any, tp: Any, key: str) -> Any:
-    """Convert a YAML/CLI value to the field type `tp`, or raise ConfigError naming `key`."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _convert(value, arg, key)
-            except ConfigError as exc:
-                errors.append(str(exc))
-        if len(errors) == 1:  # `T | None`: T's own message says more ("not a finite number", ...)
-            raise ConfigError(errors[0])
-        raise ConfigError(f"{key}: expected {' or '.join(_type_name(a) for a in args)}, got {_short(value)}")
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {_short(value)}")
-        return _build(tp, value, key)
-    if origin is list:
-        (item_tp,) = typing.get_args(tp)
-        if isinstance(value, tuple):
-            value = list(value)
-        if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected a list, got {_short(value)}")
-        return [_convert(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        key_tp, val_tp = typing.get_args(tp)
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {_short(value)}")
-        return {str(k): _convert(v, val_tp, f"{key}.{k}") for k, v in value.items()}
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key}: expected true/false, got {_short(value)}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            if abs(value) >= 2**63:  # past int64, torch and numpy fail far from the key
-                raise ConfigError(f"{key}: {_short(value)} is too large")
-            return value
-        raise ConfigError(f"{key}: expected an integer, got {_short(value)}")
-    if tp is float:
-        number = None
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            number = value
-        elif isinstance(value, str):
-            # YAML 1.1 reads "1e-6" (no dot) as a string; users write it that way all the time.
-            try:
-                number = float(value)
-            except ValueError:
-                pass
-        if number is None:
-            raise ConfigError(f"{key}: expected a number, got {_short(value)}")
-        try:
-            number = float(number)
-        except OverflowError:  # an int past float range
-            number = math.inf
-        # No key means NaN or infinity: lr=inf "trains" to non-finite weights and exits 0.
-        if not math.isfinite(number):
-            raise ConfigError(f"{key}: {_short(value)} is not a finite number")
-        return number
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise ConfigError(f"{key}: expected a string, got {_short(value)}")
-    if tp is Any:
-        return value
-    raise ConfigError(f"{key}: unsupported field type {tp!r}")
-
-
-def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for k, v in data.items():
-        key = f"{prefix}.{k}" if prefix else str(k)
-        if k not in names:
-            known = ", ".join(sorted(names))
-            raise ConfigError(f"{key}: unknown key (known keys here: {known})")
-        kwargs[k] = _convert(v, hints[k], key)
-    return cls(**kwargs)
-
-
-# PyYAML's constructors raise more than YAMLError: "!!int x" (ValueError), "2024-02-30"
-# (ValueError), "!!int" (KeyError/AttributeError), deep nesting (RecursionError), bytes that
-# are not UTF-8 (UnicodeDecodeError, a ValueError).
-_YAML_FAILURES = (yaml.YAMLError, ValueError, TypeError, KeyError, AttributeError, IndexError, RecursionError)
-
-
-def _parse_scalar(text: str) -> Any:
-    try:
-        return load_yaml(text, "<override>")
-    except _YAML_FAILURES:
-        # Not YAML (or a bad tag such as "!!int x"): keep the text; the field type decides.
-        return text
-
-
-def apply_override(tree: dict[str, Any], assignment: str) -> None:
-    """Apply one `a.b.c=value` override to a plain dict tree (value parsed as YAML)."""
-    if "=" not in assignment:
-        raise ConfigError(f"override {assignment!r}: expected key=value")
-    dotted, raw = assignment.split("=", 1)
-    parts = dotted.strip().split(".")
-    if not all(parts):
-        raise ConfigError(f"override {assignment!r}: empty key segment")
-    node = tree
-    for part in parts[:-1]:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"{dotted}: {part!r} is not a section")
-        node = child
-    node[parts[-1]] = _parse_scalar(raw)
-
-
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in extra.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _merge(out[k], v)
-        else:
-            out[k] = v
-    return out
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),

@@ -41,7 +41,8 @@ def evaluate_model(loaded: LoadedModel, records: list[PromptRecord], rollout_cfg
         engine = build_rollout_engine(rollout_cfg, loaded, suppress_ids=vision.suppress_ids if vision else None)
     verifier = ResponseVerifier(tok, data_cfg.domain_verifiers)
     records, prompt_ids, _ = prepare_prompts(records, tok, model_cfg, data_cfg,
-                                             encode=vision.ids if vision else None)
+                                             encode=vision.ids if vision else None,
+                                             limit=engine.prompt_limit(model_cfg.max_prompt_tokens))
     n = 1 if greedy else k
     correct_by_prompt: list[list[bool]] = []
     bar = None

@@ -274,7 +274,8 @@ def test_clip_none_equals_old_path_bitwise(seed, mode):
         for key, value in old_metrics.items():
             assert res.metrics[key] == value or (math.isnan(value) and math.isnan(res.metrics[key])), key
         assert set(res.metrics) - set(old_metrics) <= {
-            "advantages/correct", "advantages/incorrect", "advantages/correct_minus_incorrect"}
+            "advantages/correct", "advantages/incorrect", "advantages/correct_minus_incorrect",
+            "calib/mean_margin_after", "calib/order_consistency_rate_after"}
 
 
 # -------------------------------------------- the release's rules, written out
@@ -469,3 +470,23 @@ def test_random_batches_cover_the_edge_cases():
             seen |= {"clipped"} if any(abs(a - b) >= 10 for a, b in zip(r["s"], r["t"])) else set()
         seen |= {"one-sided"} if any(len(o - {None}) == 1 for o in by_group.values()) else set()
     assert seen == {"empty", "failed", "unknown", "clipped", "one-sided"}
+
+
+# ---------------------------------------------- margins after calibration (metrics)
+
+
+def test_margin_after_calibration_is_reported_for_shift_and_mask():
+    # One group, one token each, minmax: correct [0, 3], incorrect [1, -2] -> m = 0 - 1 = -1.
+    adv, mask, correct, ids = one_token([0.0, 3.0, 1.0, -2.0], [T, T, F, F], [5, 5, 5, 5])
+    # Shift, direction both: each side moves by (δ - m) / 2 = 0.75, so m after = δ exactly.
+    res = run(adv, adv * 0, adv * 0, mask, correct, ids, mode="minmax", direction="both")
+    assert res.metrics["calib/mean_margin"] == pytest.approx(-1.0)
+    assert res.metrics["calib/mean_margin_after"] == pytest.approx(DELTA)
+    assert res.metrics["calib/order_consistency_rate"] == 0.0
+    assert res.metrics["calib/order_consistency_rate_after"] == 1.0
+    # Greedy mask drops the correct 0 (the tie rule): kept correct [3], incorrect [1, -2] -> m = 2.
+    res = run(adv, adv * 0, adv * 0, mask, correct, ids, method="mask", mode="minmax", mask_strategy="greedy")
+    assert res.metrics["calib/mean_margin_after"] == pytest.approx(2.0)
+    # Disabled: no "after" keys (nothing moved).
+    res = run(adv, adv * 0, adv * 0, mask, correct, ids, enabled=False)
+    assert "calib/mean_margin_after" not in res.metrics

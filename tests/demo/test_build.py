@@ -9,8 +9,8 @@ import pytest
 from transformers import LlamaForCausalLM
 
 from uniopd.config import ModelConfig
-from uniopd.demo.build import (TinyModelSpec, arithmetic_records, build_model, heldout_records, mixed_records,
-                               validation_records)
+from uniopd.demo.build import (TEACHER, TinyModelSpec, arithmetic_records, build_model, dropped_carry, heldout_records,
+                               mixed_records, noisy_labels, validation_records, validation_score)
 from uniopd.models.loading import load_model
 
 TINY = TinyModelSpec(layers=1, hidden=32, heads=2, sft_steps=3, sft_examples=64, lr=1e-3, batch_size=8)
@@ -89,8 +89,40 @@ def test_a_build_stops_at_its_validation_target_and_records_where(tmp_path):
     assert "did not reach validation accuracy 100% after 5 SFT steps" in logs[-1]
 
 
+def test_a_mixed_build_can_require_its_target_on_every_task():
+    spec = replace(TinyModelSpec(layers=1, hidden=32, heads=2, sft_steps=3, sft_examples=64, lr=1e-3),
+                   tasks=("addition", "subtraction"), target_acc=0.2)
+    acc = {"all": 0.25, "addition": 0.13, "subtraction": 0.37}
+    assert validation_score(acc, spec) == 0.25  # the mix passes 20 %...
+    assert validation_score(acc, replace(spec, each_task=True)) == 0.13  # ...its weaker task does not
+    assert replace(spec, each_task=True).key("student") != spec.key("student")
+
+
 def test_validation_prompts_are_not_held_out():
     val = validation_records(("addition", "subtraction"))
     held = {r.prompt for task in ("addition", "subtraction") for r in heldout_records(task=task)}
     assert len(val) == 200 and {r.domain for r in val} == {"addition", "subtraction"}
     assert not held & {r.prompt for r in val}
+
+
+def test_noisy_labels_drop_the_carry_in_a_share_of_the_carry_problems():
+    records = arithmetic_records(400, seed=7) + arithmetic_records(100, seed=7, task="subtraction")
+    noisy = noisy_labels(records, 0.5, seed=0)
+    carry = [r for r in records if dropped_carry(r) is not None]
+    moved = [(a, b) for a, b in zip(records, noisy) if a.answer != b.answer]
+    assert 0.4 < len(moved) / len(carry) < 0.6 and len(carry) > 100
+    for old, new in moved:
+        x, op, y = old.prompt.removeprefix("Calculate ").rstrip(".").split()
+        x, y = int(x), int(y)
+        # by hand: the ones digits carry (or borrow), and the new answer is off by exactly that ten
+        assert (x % 10 + y % 10 >= 10 and int(new.answer) == x + y - 10) if op == "+" else \
+            (x % 10 < y % 10 and int(new.answer) == x - y + 10)
+    assert [r.prompt for r in noisy] == [r.prompt for r in records]
+    assert noisy_labels(records, 0.0, seed=0) is records
+    assert dropped_carry(replace(records[0], prompt="Calculate 57 + 25.")) == "72"
+    assert dropped_carry(replace(records[0], prompt="Calculate 52 - 17.")) == "45"
+    assert dropped_carry(replace(records[0], prompt="Calculate 52 + 17.")) is None
+    # A clean spec keeps the cache key it had before the field existed (the demo teacher's key
+    # computed by the code before it); a noisy one gets its own.
+    assert TEACHER.key("teacher") == "teacher-4243376e900b"
+    assert replace(TEACHER, label_noise=0.1).key("teacher") != TEACHER.key("teacher")

@@ -3,7 +3,9 @@
 Done-when checks: the engine's sampled log-probs equal the trainer's within 1e-3 (fp32), a
 perturbation of the trainer's weights reaches the engine only through `update_weights` (and
 the prefix cache does not serve stale keys), and 20 training steps with rollout.backend=vllm
-reach a teacher KL comparable to the hf engine's on the same seed.
+reach a teacher KL comparable to the hf engine's on the same seed. Faults: prompts past the
+engine's room follow data.overlong; an engine that dies mid-run stops `uniopd train` with the
+last checkpoint intact, and `--resume` continues.
 """
 
 from __future__ import annotations
@@ -20,11 +22,15 @@ pytest.importorskip("vllm")
 from helpers import make_tiny_model, tiny_run_config  # noqa: E402
 
 from uniopd.batch import Sample  # noqa: E402
-from uniopd.config import RolloutConfig  # noqa: E402
+from uniopd.cli import main  # noqa: E402
+from uniopd.config import RolloutConfig, load_config  # noqa: E402
+from uniopd.data.prompts import prepare_prompts  # noqa: E402
+from uniopd.data.records import PromptRecord  # noqa: E402
 from uniopd.models.forward import build_layout, response_logprobs  # noqa: E402
 from uniopd.models.loading import load_model  # noqa: E402
 from uniopd.config import ModelConfig  # noqa: E402
 from uniopd.rollout.base import build_rollout_engine  # noqa: E402
+from uniopd.train.checkpoint import find_resumable, verify_checkpoint  # noqa: E402
 from uniopd.train.trainer import Trainer  # noqa: E402
 
 pytestmark = pytest.mark.vllm
@@ -87,6 +93,23 @@ def test_engine_samples_like_the_hf_engine_and_follows_weight_updates(student_di
 
         greedy = engine.sample(prompts[:1], 1, greedy=True)
         assert greedy[0][0].response_ids == engine.sample(prompts[:1], 1, greedy=True)[0][0].response_ids
+
+        # The tiny model's 128 positions leave 116 for a prompt next to 12 new tokens: a longer one
+        # is truncated by data.overlong before it reaches vLLM, and samples.
+        limit = engine.prompt_limit(1024)
+        assert limit.tokens == 116 and "max_model_len 128" in limit.keys, limit
+        cfg_run = load_config(None, ["data.overlong=truncate"])
+        long = PromptRecord(id="long", domain="d", prompt="7" * 200 + "+1=", answer="8")
+        _, ids, stats = prepare_prompts([long], tok, cfg_run.model, cfg_run.data, limit=limit)
+        assert len(ids[0]) == 116 and stats["truncated"] == 1
+        assert len(engine.sample(ids, 1, generator=torch.Generator().manual_seed(0))[0]) == 1
+        with pytest.raises(ValueError, match="a prompt of 117 tokens does not fit"):
+            engine.sample([ids[0] + ids[0][:1]], 1)  # a caller that skipped the limit: refused before vLLM
+
+        # More prompt tokens in one call than vLLM's 4096-token step budget: with chunked prefill
+        # a seeded request's CPU generator was rewound and vLLM raised (the demo's 32 x 8 rollouts).
+        wide = [[(i * 7 + j) % 60 + 3 for j in range(100)] for i in range(6)]
+        assert [len(g) for g in engine.sample(wide, 8, generator=torch.Generator().manual_seed(0))] == [8] * 6
     finally:
         engine.close()
 
@@ -152,3 +175,33 @@ def test_on_a_gpu_sleep_mode_frees_memory_and_the_sync_still_lands(student_dir):
         assert float((logp_N.float() - engine_N).abs().mean()) < 0.05  # bf16 kernels differ, weights synced
     finally:
         engine.close()
+
+
+def test_an_engine_that_dies_mid_run_stops_training_and_resume_continues(tmp_path, student_dir, teacher_dir,
+                                                                        arithmetic_file, capsys):
+    """The engine dies after the 2nd update (tests/vllm_faults.py): `uniopd train` fails at step 3
+    naming the engine, checkpoint 2 verifies, and `--resume` with a fresh engine finishes the run."""
+    out = tmp_path / "run"
+    args = ["-c", str(tmp_path / "recipe.yaml")]
+    (tmp_path / "recipe.yaml").write_text(json.dumps({  # JSON is YAML
+        "model": {"path": str(student_dir)}, "teachers": {"t": {"path": str(teacher_dir)}},
+        "data": {"train": str(arithmetic_file)},
+        "rollout": {"prompts_per_step": 2, "n": 2, "max_new_tokens": 4},
+        "trainer": {"steps": 4, "save_every": 1, "keep_checkpoints": 2, "micro_batch_size": 4,
+                    "output_dir": str(out)},
+        "logging": {"progress": False, "tensorboard": False, "diagnostics": False}}))
+    before = torch.get_num_threads()
+    try:
+        assert main(["train", *args, "rollout.backend=vllm_faults:VLLMEngineThatDies"]) == 2
+        err = capsys.readouterr().err
+        assert ("rollout engine rollout.backend=vllm_faults:VLLMEngineThatDies (vLLM) failed while sampling"
+                in err and "at step 3, stopping without saving" in err), err
+        assert "step_000002, is intact: uniopd train --resume continues from it" in err, err
+        assert find_resumable(out) == out / "checkpoints" / "step_000002"
+        assert verify_checkpoint(out / "checkpoints" / "step_000002")["step"] == 2
+
+        assert main(["train", *args, "--resume", "rollout.backend=vllm"]) == 0
+    finally:
+        torch.set_num_threads(before)
+    assert [r["step"] for r in _metrics(out)] == [1, 2, 3, 4]
+    assert verify_checkpoint(find_resumable(out))["step"] == 4

@@ -1,5 +1,6 @@
 """Data-parallel training: 2 gloo processes (torchrun, through `uniopd train --nproc 2`) against
-one process on the same global batch, resume across world sizes, a killed process.
+one process on the same global batch, resume across world sizes, a sharded teacher, a killed
+process.
 
 Rollouts come from `external_backends:SeededSampler`, whose responses depend only on the
 prompt, so both layouts see the same global batch; `even_length` grades them with both
@@ -8,78 +9,33 @@ outcomes in most groups, so global-scope margin shift really moves advantages.
 
 from __future__ import annotations
 
-import json
-import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
-import torch
+from dp_runs import assert_same_run, dp_args, env, metric_rows, train
 from helpers import write_jsonl
-from safetensors.torch import load_file
 
 from uniopd.cli import main
 from uniopd.train.checkpoint import find_resumable
-
-TESTS = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, tiny_student_dir, tiny_teacher_dir):
     root = tmp_path_factory.mktemp("dp")
-    data = write_jsonl(root / "train.jsonl", [{"id": f"p{i}", "domain": "arithmetic", "prompt": f"{i}+{i + 1}=",
-                                               "answer": str(2 * i + 1), "verifier": "even_length"}
-                                              for i in range(12)])
-    args = [f"model.path={tiny_student_dir}", f"teachers.t.path={tiny_teacher_dir}", f"data.train={data}",
-            "rollout.prompts_per_step=4", "rollout.n=2", "rollout.max_new_tokens=6", "trainer.micro_batch_size=4",
-            "trainer.lr=1e-3", "logging.progress=false", "logging.tensorboard=false",
-            "rollout.backend=external_backends:SeededSampler", "calibration.enabled=true",
-            "calibration.scope=global"]
-    return root, args
-
-
-def _env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
-            "OMP_NUM_THREADS": "1"}
-
-
-def _train(args: list[str], out: Path, *, nproc: int = 1, resume: bool = False, timeout: float = 300) -> None:
-    cmd = [sys.executable, "-m", "uniopd", "train", f"--nproc={nproc}", *(["--resume"] if resume else []),
-           *args, f"trainer.output_dir={out}"]
-    done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout)
-    assert done.returncode == 0, done.stderr[-3000:]
-
-
-def _rows(out: Path) -> list[dict]:
-    return [json.loads(line) for line in open(out / "metrics.jsonl")]
-
-
-def _weights(out: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(find_resumable(out) / "model.safetensors"))
-
-
-def _assert_same_run(a: Path, b: Path, steps: list[int]) -> None:
-    ra = {r["step"]: r for r in _rows(a)}
-    rb = {r["step"]: r for r in _rows(b)}
-    for step in steps:
-        for key in ("loss", "teacher_kl", "update/tokens", "calib/mean_margin", "calib/order_consistency_rate"):
-            assert ra[step][key] == pytest.approx(rb[step][key], abs=1e-5), (step, key)
-    wa, wb = _weights(a), _weights(b)
-    assert wa.keys() == wb.keys()
-    assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-5
+    return root, dp_args(root, tiny_student_dir, tiny_teacher_dir)
 
 
 @pytest.mark.parametrize("sharding", ["replicate", "shard"])
 def test_two_processes_match_one_on_the_same_global_batch(setup, sharding):
     root, args = setup
     one, two = root / f"one_{sharding}", root / f"two_{sharding}"
-    _train(args + ["trainer.steps=3"], one)
-    _train(args + ["trainer.steps=3", f"trainer.student_sharding={sharding}"], two, nproc=2)
-    _assert_same_run(one, two, [1, 2, 3])
-    rows = _rows(two)
+    train(args + ["trainer.steps=3"], one)
+    train(args + ["trainer.steps=3", f"trainer.student_sharding={sharding}"], two, nproc=2)
+    assert_same_run(one, two, [1, 2, 3])
+    rows = metric_rows(two)
     # Global-scope calibration had two-outcome groups to work on, and shifted some of them.
     assert sum(r["calib/num_two_outcome_groups"] for r in rows) > 0
     assert any(r.get("calib/shifted_group_frac", 0) > 0 for r in rows)
@@ -88,13 +44,57 @@ def test_two_processes_match_one_on_the_same_global_batch(setup, sharding):
 def test_a_run_resumes_at_another_world_size_and_continues_identically(setup):
     root, args = setup
     straight = root / "straight"
-    _train(args + ["trainer.steps=4", "trainer.save_every=2"], straight)
+    train(args + ["trainer.steps=4", "trainer.save_every=2"], straight)
     for first, then, name in ((2, 1, "2to1"), (1, 2, "1to2")):
         out = root / name
-        _train(args + ["trainer.steps=2", "trainer.save_every=2"], out, nproc=first)
-        _train(args + ["trainer.steps=4", "trainer.save_every=2"], out, nproc=then, resume=True)
-        assert [r["step"] for r in _rows(out)] == [1, 2, 3, 4]
-        _assert_same_run(straight, out, [3, 4])
+        train(args + ["trainer.steps=2", "trainer.save_every=2"], out, nproc=first)
+        train(args + ["trainer.steps=4", "trainer.save_every=2"], out, nproc=then, resume=True)
+        assert [r["step"] for r in metric_rows(out)] == [1, 2, 3, 4]
+        assert_same_run(straight, out, [3, 4])
+
+
+def test_a_sharded_teacher_scores_as_a_whole_one(setup):
+    root, args = setup
+    # 3 prompts of 2 rollouts in micro-batches of 2: one process scores 2 micro-batches, the
+    # other 1 and pads; the routed teacher's layers are sharded over both.
+    common = args + ["trainer.steps=2", "rollout.prompts_per_step=3", "trainer.micro_batch_size=2",
+                     "teachers.t.share_prompt_prefix=false"]
+    one, two = root / "teacher_whole", root / "teacher_sharded"
+    train(common, one)
+    done = train(common + ["teachers.t.shard=true", "trainer.student_sharding=shard"], two, nproc=2)
+    assert "teachers.t: 2 decoder layers sharded over 2 processes" in done.stderr
+    assert_same_run(one, two, [1, 2])
+
+
+def test_sharded_teachers_pad_on_processes_that_have_no_rows_for_them(setup, tiny_teacher_dir):
+    root, args = setup
+    # Unshuffled, 4 prompts a step: process 0 gets records 4k, 4k+1 (teacher a), process 1 gets
+    # 4k+2, 4k+3 (teacher b), so each process scores nothing for one of the sharded teachers.
+    data = write_jsonl(root / "two_teachers.jsonl", [
+        {"id": f"p{i}", "domain": "arithmetic", "prompt": f"{i}+{i + 1}=", "answer": str(2 * i + 1),
+         "verifier": "even_length", "teacher": "a" if i % 4 < 2 else "b"} for i in range(12)])
+    common = [a for a in args if not a.startswith(("teachers.t.", "data.train="))] + [
+        f"data.train={data}", "data.shuffle=false", "trainer.steps=2", "calibration.scope=group"]
+    for name in ("a", "b"):
+        common += [f"teachers.{name}.path={tiny_teacher_dir}", f"teachers.{name}.share_prompt_prefix=false"]
+    one, two = root / "teachers_whole", root / "teachers_sharded"
+    train(common, one)
+    train(common + ["teachers.a.shard=true", "teachers.b.shard=true"], two, nproc=2)
+    assert_same_run(one, two, [1, 2])
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["teachers.t.shard=true", "teachers.t.share_prompt_prefix=false"],
+     "teachers.t.shard=true needs trainer.strategy=data_parallel"),
+    (["teachers.t.shard=true", "trainer.strategy=data_parallel"],
+     "teachers.t.shard=true needs teachers.t.share_prompt_prefix=false"),
+    (["teachers.t.shard=true", "teachers.t.backend=remote", "teachers.t.urls=[http://localhost:1]"],
+     "teachers.t.shard=True is read by teachers.t.backend=local only"),
+])
+def test_teacher_sharding_is_refused_where_it_cannot_work(setup, overrides, message, capsys):
+    _, args = setup
+    assert main(["train", *args, *overrides, "trainer.steps=1", "trainer.output_dir=/nonexistent/x"]) == 2
+    assert message in capsys.readouterr().err
 
 
 def test_a_killed_process_ends_the_job_promptly_and_the_run_resumes(setup):
@@ -104,7 +104,7 @@ def test_a_killed_process_ends_the_job_promptly_and_the_run_resumes(setup):
     out = root / "killed"
     cmd = [sys.executable, "-m", "uniopd", "train", "--nproc=2", *args, "trainer.steps=200", "trainer.save_every=1",
            f"trainer.output_dir={out}"]
-    job = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    job = subprocess.Popen(cmd, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 240
         while find_resumable(out) is None:
@@ -124,7 +124,7 @@ def test_a_killed_process_ends_the_job_promptly_and_the_run_resumes(setup):
     assert last is not None  # the last checkpoint verifies (hashes, manifest)
     step = int(last.name.split("_")[1])
     assert main(["train", *args, f"trainer.steps={step + 1}", f"trainer.output_dir={out}", "--resume"]) == 0
-    assert _rows(out)[-1]["step"] == step + 1
+    assert metric_rows(out)[-1]["step"] == step + 1
 
 
 def test_torchrun_processes_must_choose_the_data_parallel_strategy(setup, monkeypatch, capsys):
@@ -139,7 +139,7 @@ def test_sigterm_to_the_launcher_saves_the_step_and_exits_like_one_process(setup
     out = root / "term"
     cmd = [sys.executable, "-m", "uniopd", "train", "--nproc=2", *args, "trainer.steps=200", "trainer.save_every=0",
            f"trainer.output_dir={out}"]
-    job = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    job = subprocess.Popen(cmd, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 240
         while not (out / "metrics.jsonl").exists() or not (out / "metrics.jsonl").read_text().strip():
@@ -151,4 +151,4 @@ def test_sigterm_to_the_launcher_saves_the_step_and_exits_like_one_process(setup
         if job.poll() is None:
             job.kill()
     last = find_resumable(out)
-    assert last is not None and int(last.name.split("_")[1]) == _rows(out)[-1]["step"]
+    assert last is not None and int(last.name.split("_")[1]) == metric_rows(out)[-1]["step"]

@@ -13,7 +13,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["save_histogram_png"]
+__all__ = ["save_figure_png", "save_histogram_png"]
 
 
 def save_histogram_png(
@@ -56,8 +56,12 @@ def save_histogram_png(
     ax.set_ylabel("prompts")
     ax.set_title("Pass-rate histogram before and after difficulty balancing")
     ax.legend()
-    fig.tight_layout()
+    return save_figure_png(fig, path)
 
+
+def save_figure_png(fig, path: str | os.PathLike[str]) -> Path:
+    """Write a matplotlib Figure (with an Agg canvas) as PNG, atomically."""
+    fig.tight_layout()
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)

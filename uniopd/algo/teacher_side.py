@@ -129,7 +129,9 @@ def calibrate_advantages(
     metrics: `calib/<calibration_stats>` (before calibration) with `pass_rate_hist_*`
     and `share_all_*` under `balance/`; shift: `calib/shifted_group_frac`,
     `calib/mean_shift`; mask: `calib/masked_group_frac`, `calib/masked_rollout_frac`;
-    and `outcome_advantage_means` of the calibrated, unclipped advantages.
+    when enabled, `calib/mean_margin_after` and `calib/order_consistency_rate_after` (the
+    same statistics over the calibrated returns of the rollouts kept); and
+    `outcome_advantage_means` of the calibrated, unclipped advantages.
     With logratio_clip, known_B and teacher_ok_B all None the result equals the old
     clip-first path bit for bit (there the clip was a no-op).
     """
@@ -175,6 +177,15 @@ def calibrate_advantages(
         )
         metrics["calib/masked_group_frac"] = len(group_ids_B[~keep_B].unique()) / num_groups
         metrics["calib/masked_rollout_frac"] = float((~keep_B).float().mean())
+    if enabled:
+        # The same statistics after calibration, over the rollouts the loss keeps: how far
+        # the shift or mask moved the margins toward δ.
+        kept_B = keep_B if known is None else keep_B & known
+        after = calibration_stats(
+            calibrated_BT, mask_BT, correct_B, group_ids_B, delta=delta, mode=mode, known_B=kept_B
+        )
+        metrics["calib/mean_margin_after"] = after["mean_margin"]
+        metrics["calib/order_consistency_rate_after"] = after["order_consistency_rate"]
     metrics.update(
         outcome_advantage_means(calibrated_BT, mask_BT, correct_B, keep_B=keep_B, known_B=known)
     )

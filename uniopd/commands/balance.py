@@ -56,7 +56,8 @@ def estimate_pass_rates(cfg: RunConfig, records: list[PromptRecord], cache_path:
     vision = StudentVision.of(student, cfg.model)  # None for text models
     engine = build_rollout_engine(cfg.rollout, student, suppress_ids=vision.suppress_ids if vision else None)
     verifier = ResponseVerifier(tok, cfg.data.domain_verifiers)
-    todo, prompt_ids, _ = prepare_prompts(todo, tok, cfg.model, cfg.data, encode=vision.ids if vision else None)
+    todo, prompt_ids, _ = prepare_prompts(todo, tok, cfg.model, cfg.data, encode=vision.ids if vision else None,
+                                          limit=engine.prompt_limit(cfg.model.max_prompt_tokens))
     generator = torch.Generator(device).manual_seed(cfg.trainer.seed)
     k = cfg.balance.offline_k
     bar = None

@@ -41,7 +41,8 @@ def generate_responses(cfg: RunConfig, model_cfg: ModelConfig, data_path: str, o
     engine = build_rollout_engine(cfg.rollout, loaded, suppress_ids=vision.suppress_ids if vision else None)
     verifier = ResponseVerifier(loaded.tokenizer, cfg.data.domain_verifiers)
     records, prompt_ids, _ = prepare_prompts(records, loaded.tokenizer, model_cfg, cfg.data,
-                                             encode=vision.ids if vision else None)
+                                             encode=vision.ids if vision else None,
+                                             limit=engine.prompt_limit(model_cfg.max_prompt_tokens))
     generator = torch.Generator(device).manual_seed(cfg.trainer.seed)
     rows, n_correct = [], 0
     bar = None

@@ -49,6 +49,10 @@ def run(args: argparse.Namespace) -> int:
     if args.nproc < 1:
         raise ConfigError(f"--nproc {args.nproc}: needs at least 1 process")
     if args.nproc > 1 and "RANK" not in os.environ:
+        from uniopd.train.plan import plan_teachers
+
+        # What the processes would refuse, refused once here, before torchrun starts them.
+        plan_teachers(load_config(args.config, list(args.overrides) + ["trainer.strategy=data_parallel"]))
         return _launch(args)
     from uniopd.train.trainer import Trainer
 
@@ -61,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         result = trainer.train()
     finally:
+        trainer.engine.close()  # a vLLM engine's memory and temporary weights, also after it failed
         trainer.strategy.close()
     if trainer.strategy.is_main:
         print(json.dumps({k: v for k, v in result.items() if k != "metrics"}))

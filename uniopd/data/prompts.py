@@ -1,8 +1,11 @@
 """Start-up work shared by train, eval and balance: load prompt records, tokenize prompts.
 
-Prompts longer than `model.max_prompt_tokens` follow `data.overlong`: "error" names the
-record, "truncate" keeps the last tokens (the part next to the response), "skip" drops the
-record; truncated and skipped records are counted and reported, never silently lost.
+Prompts longer than the prompt limit follow `data.overlong`: "error" names the record,
+"truncate" keeps the last tokens (the part next to the response), "skip" drops the record;
+truncated and skipped records are counted and reported, never silently lost. The limit is
+`model.max_prompt_tokens`, or less where the rollout engine has less room
+(`RolloutEngine.prompt_limit`: a vLLM engine's max_model_len minus rollout.max_new_tokens), so
+a prompt the engine could not take meets the same policy here instead of failing inside it.
 Prompts with images (a vision-language student, `encode` given) are never truncated: a
 cut could split an image's placeholder tokens; "truncate" is an error for them.
 
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from dataclasses import dataclass
 
 from uniopd.config import DataConfig, ModelConfig
 from uniopd.data.records import PromptRecord
@@ -31,6 +35,18 @@ CHARS_PER_TOKEN = 64
 
 class PromptTooLong(ValueError):
     pass
+
+
+@dataclass(frozen=True)
+class PromptLimit:
+    """The longest prompt in tokens, and the keys that set it (named in every overlong message)."""
+
+    tokens: int
+    keys: str  # e.g. "model.max_prompt_tokens=1024"
+
+    @classmethod
+    def of(cls, model_cfg: ModelConfig) -> "PromptLimit":
+        return cls(model_cfg.max_prompt_tokens, f"model.max_prompt_tokens={model_cfg.max_prompt_tokens}")
 
 
 def _where(record: PromptRecord) -> str:
@@ -95,29 +111,31 @@ def load_prompt_records(data_cfg: DataConfig, path: str | None, *, require_targe
 
 
 def prepare_prompts(records: list[PromptRecord], tokenizer, model_cfg: ModelConfig,
-                    data_cfg: DataConfig, *, encode=None) -> tuple[list[PromptRecord], list[list[int]], dict[str, int]]:
+                    data_cfg: DataConfig, *, encode=None,
+                    limit: PromptLimit | None = None) -> tuple[list[PromptRecord], list[list[int]], dict[str, int]]:
     """Student-view prompt ids for each record, with the overlong policy applied.
 
-    encode(record) -> ids replaces the text rendering (a vision-language student's processor).
+    encode(record) -> ids replaces the text rendering (a vision-language student's processor);
+    limit: the rollout engine's `prompt_limit` (default: model.max_prompt_tokens).
     """
     from uniopd.models.multimodal import record_images
 
     kept, ids_out = [], []
     stats = {"truncated": 0, "skipped_overlong": 0}
-    limit = model_cfg.max_prompt_tokens
+    limit = limit or PromptLimit.of(model_cfg)
+    max_tokens, keys = limit.tokens, limit.keys
     with_images = 0
     for record in records:
         chars, cut = _text_chars(record.prompt), False
-        if chars > CHARS_PER_TOKEN * limit:
+        if chars > CHARS_PER_TOKEN * max_tokens:
             if data_cfg.overlong == "error" or (data_cfg.overlong == "truncate" and encode is not None):
                 fix = "skip" if encode is not None else "truncate or skip"
                 raise PromptTooLong(f"{_where(record)}: prompt has {chars} characters, more than {CHARS_PER_TOKEN} "
-                                    f"per token of model.max_prompt_tokens={limit}: it cannot fit "
-                                    f"(set data.overlong={fix})")
+                                    f"per token of {keys}: it cannot fit (set data.overlong={fix})")
             if data_cfg.overlong == "skip":
                 stats["skipped_overlong"] += 1
                 continue
-            record = dataclasses.replace(record, prompt=_keep_last_chars(record.prompt, CHARS_PER_TOKEN * limit))
+            record = dataclasses.replace(record, prompt=_keep_last_chars(record.prompt, CHARS_PER_TOKEN * max_tokens))
             cut = True
         if encode is not None:
             ids = encode(record)
@@ -126,25 +144,25 @@ def prepare_prompts(records: list[PromptRecord], tokenizer, model_cfg: ModelConf
             with_images += bool(record_images(record.prompt, record.images))
         if not ids:
             raise ValueError(f"{_where(record)}: the prompt renders to zero tokens")
-        if len(ids) > limit:
+        if len(ids) > max_tokens:
             if data_cfg.overlong == "truncate" and encode is not None:
                 raise PromptTooLong(f"{_where(record)}: prompt has {len(ids)} tokens with its images, more than "
-                                    f"model.max_prompt_tokens={limit}; prompts with images are not truncated "
+                                    f"{keys}; prompts with images are not truncated "
                                     f"(raise the limit or set data.overlong=skip)")
             if data_cfg.overlong == "error":
                 raise PromptTooLong(f"{_where(record)}: prompt has {len(ids)} tokens, more than "
-                                    f"model.max_prompt_tokens={limit} (set data.overlong=truncate or skip)")
+                                    f"{keys} (set data.overlong=truncate or skip)")
             if data_cfg.overlong == "skip":
                 stats["skipped_overlong"] += 1
                 continue
-            ids = ids[-limit:]
+            ids = ids[-max_tokens:]
             cut = True
         stats["truncated"] += cut
         kept.append(record)
         ids_out.append(ids)
     if stats["truncated"] or stats["skipped_overlong"]:
-        log.warning("overlong prompts: %d truncated, %d skipped (model.max_prompt_tokens=%d)",
-                    stats["truncated"], stats["skipped_overlong"], limit)
+        log.warning("overlong prompts: %d truncated, %d skipped (%s)", stats["truncated"],
+                    stats["skipped_overlong"], keys)
     if with_images:
         log.warning("%d records have images but the model is text-only: it sees their text only", with_images)
     if not kept:

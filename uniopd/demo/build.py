@@ -21,6 +21,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
+import re
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -107,10 +109,18 @@ class TinyModelSpec:
     tasks: tuple[str, ...] = ("addition",)  # SFT data, split evenly
     target_acc: float | None = None  # stop SFT once greedy validation accuracy reaches this
     eval_every: int = 10
+    # Share of the SFT problems with a carry whose answer drops the carry (`noisy_labels`).
+    label_noise: float = 0.0
+    # target_acc must hold on every task, not only on the mix: a mixed student can reach 20 %
+    # overall while one task still sits on the plateau that OPD cannot lift it from.
+    each_task: bool = False
 
     def key(self, kind: str) -> str:
-        blob = json.dumps({"kind": kind, "v": 4, "digits": DIGITS, "eval_seed": EVAL_SEED, **asdict(self)},
-                          sort_keys=True)
+        recipe = asdict(self)
+        for name, default in (("label_noise", 0.0), ("each_task", False)):
+            if recipe[name] == default:
+                del recipe[name]  # builds from before the field keep their cache key
+        blob = json.dumps({"kind": kind, "v": 4, "digits": DIGITS, "eval_seed": EVAL_SEED, **recipe}, sort_keys=True)
         return f"{kind}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
 
 
@@ -148,6 +158,45 @@ def greedy_accuracy(loaded: LoadedModel, records: list[PromptRecord]) -> dict[st
     return {"all": res["metrics"]["avg@1"], **{d: m["avg@1"] for d, m in res["per_domain"].items()}}
 
 
+def dropped_carry(record: PromptRecord) -> str | None:
+    """The answer with the carry (addition) or borrow (subtraction) of the ones digit
+    forgotten, e.g. 57 + 25 -> 72 and 52 - 17 -> 45; None when the problem has none."""
+    match = re.search(r"(\d+) ([+-]) (\d+)", record.prompt)
+    if match is None:
+        return None
+    a, op, b = int(match[1]), match[2], int(match[3])
+    if op == "+" and a % 10 + b % 10 >= 10:
+        return str(a + b - 10)
+    if op == "-" and a % 10 < b % 10:
+        return str(a - b + 10)
+    return None
+
+
+def noisy_labels(records: list[PromptRecord], rate: float, *, seed: int) -> list[PromptRecord]:
+    """records where a `rate` share of the problems with a carry get the carry dropped.
+
+    A systematic slip, not random noise: a teacher trained on it is torn between the right
+    answer and one particular wrong one on every carry problem, so its token scores can rank
+    a student's slip as high as the right answer."""
+    if not rate:
+        return records
+    rng = random.Random(seed)
+    out = []
+    for r in records:
+        wrong = dropped_carry(r)
+        if wrong is not None and rng.random() < rate:
+            r = PromptRecord(**{**r.__dict__, "answer": wrong})
+        out.append(r)
+    return out
+
+
+def validation_score(accuracy: dict[str, float], spec: TinyModelSpec) -> float:
+    """What a build compares with target_acc: overall accuracy, or the weakest task's."""
+    if spec.each_task:
+        return min(accuracy.get(t, 0.0) for t in spec.tasks)
+    return accuracy.get("all", 0.0)
+
+
 def sft_pairs(records: list[PromptRecord], tokenizer) -> list[tuple[list[int], list[int]]]:
     return [(render_prompt(tokenizer, r.prompt), tokenizer(r.answer, add_special_tokens=False)["input_ids"]
              + [tokenizer.eos_token_id]) for r in records]
@@ -167,8 +216,8 @@ def build_model(kind: str, spec: TinyModelSpec, cache_dir: Path, *, progress: bo
     tokenizer = char_tokenizer()
     model = tiny_llama(tokenizer, spec)
     # A seed far from the OPD/eval seeds; held-out prompts are excluded as well.
-    pairs = sft_pairs(mixed_records(spec.sft_examples, seed=10_000 + spec.seed, tasks=tuple(spec.tasks),
-                                    prefix=f"sft-{kind}"), tokenizer)
+    records = mixed_records(spec.sft_examples, seed=10_000 + spec.seed, tasks=tuple(spec.tasks), prefix=f"sft-{kind}")
+    pairs = sft_pairs(noisy_labels(records, spec.label_noise, seed=spec.seed), tokenizer)
     loaded = LoadedModel(model, tokenizer, kind)
     val = validation_records(tuple(spec.tasks)) if spec.target_acc is not None else []
     reached: dict[str, float] = {}
@@ -177,15 +226,16 @@ def build_model(kind: str, spec: TinyModelSpec, cache_dir: Path, *, progress: bo
         if spec.target_acc is None or step % spec.eval_every:
             return False
         reached.update(greedy_accuracy(loaded, val), step=step)
-        return reached["all"] >= spec.target_acc
+        return validation_score(reached, spec) >= spec.target_acc
 
     losses = sft_train(loaded, pairs, SFTConfig(steps=spec.sft_steps, batch_size=spec.batch_size, lr=spec.lr,
                                                 warmup_steps=50, min_lr_ratio=spec.min_lr_ratio),
                        seed=spec.seed, progress=progress, should_stop=reached_target)
     if spec.target_acc is not None:
-        how = "reached" if reached.get("all", 0.0) >= spec.target_acc else "did not reach"
-        log(f"{kind}: {how} validation accuracy {spec.target_acc:.0%} after {len(losses)} SFT steps "
-            f"({reached.get('all', 0.0):.1%})")
+        how = "reached" if validation_score(reached, spec) >= spec.target_acc else "did not reach"
+        per_task = ", ".join(f"{t} {reached.get(t, 0.0):.1%}" for t in spec.tasks) if len(spec.tasks) > 1 else ""
+        log(f"{kind}: {how} validation accuracy {spec.target_acc:.0%}{' on every task' if spec.each_task else ''} "
+            f"after {len(losses)} SFT steps ({reached.get('all', 0.0):.1%}{'; ' + per_task if per_task else ''})")
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)

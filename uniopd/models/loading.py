@@ -99,6 +99,10 @@ def load_model(cfg: ModelConfig, key: str = "model", *, device: torch.device | s
     source, gguf = split_model_path(cfg)
     if not Path(source).exists() and (source.startswith((".", "/")) or gguf):
         raise ModelLoadError(f"{key}.path={cfg.path!r}: {source} does not exist")
+    if (Path(source) / "dcp").is_dir() and (Path(source) / "manifest.json").is_file():
+        # Its weights are torch.distributed.checkpoint shards (uniopd.train.sharded_checkpoint).
+        raise ModelLoadError(f"{key}.path={cfg.path!r}: a sharded training checkpoint, not a model directory; "
+                             f"write one with `uniopd export {source} OUT_DIR`")
     tokenizer = load_tokenizer(cfg, key)
     kwargs: dict[str, Any] = {"trust_remote_code": cfg.trust_remote_code, "dtype": _DTYPES[cfg.dtype]}
     if gguf:

@@ -21,6 +21,7 @@ import torch
 
 from uniopd.batch import Sample
 from uniopd.config import ConfigError, RolloutConfig
+from uniopd.data.prompts import PromptLimit
 from uniopd.models.loading import LoadedModel
 from uniopd.registry import resolve
 
@@ -43,6 +44,8 @@ class EngineSupport:
     # 1 as is); False: another implementation's (vLLM kernels), so the trainer recomputes them.
     trainer_logprobs: bool = True
     options: frozenset[str] = frozenset()  # the engine-specific `rollout.vllm_*` keys it reads
+    # Runs as one engine per process under trainer.strategy=data_parallel (False: refused at start-up).
+    data_parallel: bool = True
 
 
 class RolloutEngine(ABC):
@@ -78,11 +81,20 @@ class RolloutEngine(ABC):
                                   f"{key}.backend={cfg.backend!r} does not read it; set {key}.backend=vllm "
                                   f"or remove the key")
 
+    def prompt_limit(self, max_prompt_tokens: int) -> PromptLimit:
+        """The longest prompt this engine takes: model.max_prompt_tokens, unless the engine has less
+        room (callers hand it to `prepare_prompts`, so `data.overlong` handles what does not fit)."""
+        return PromptLimit(max_prompt_tokens, f"model.max_prompt_tokens={max_prompt_tokens}")
+
     def update_weights(self, model: torch.nn.Module) -> None:
         """Make the next `sample` use `model`'s current weights (called after each optimizer step)."""
 
     def close(self) -> None:
         """Release what the engine holds (processes, memory)."""
+
+
+class EngineFailed(RuntimeError):
+    """The rollout engine failed mid-run (crashed, died, lost its device): the run cannot go on with it."""
 
 
 def engine_class(backend: str, key: str = "rollout.backend") -> type[RolloutEngine]:

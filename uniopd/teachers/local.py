@@ -26,10 +26,10 @@ import logging
 import torch
 
 from uniopd.algo.losses.chunked import chunked_topk_logprobs
-from uniopd.config import TeacherConfig
+from uniopd.config import ConfigError, TeacherConfig
 from uniopd.cpu.packed import can_pack, packed_linears
 from uniopd.data.records import PromptRecord
-from uniopd.models.forward import build_layout, output_head, response_logprobs
+from uniopd.models.forward import base_model, build_layout, output_head, response_logprobs
 from uniopd.models.loading import LoadedModel, check_vocabularies, load_model
 from uniopd.teachers.base import HIDDEN, LOGP, TOPK, ScorerContext, TeacherScorer, TeacherScores
 from uniopd.teachers.views import TeacherPrompts
@@ -38,16 +38,37 @@ log = logging.getLogger(__name__)
 
 
 class LocalTeacher(TeacherScorer):
+    options = frozenset({"shard"})
+
     def __init__(self, name: str, cfg: TeacherConfig, loaded: LoadedModel, *, chunk_size: int = 1024,
-                 micro_batch_size: int = 16, suppress_ids: list[int] | None = None):
+                 micro_batch_size: int = 16, suppress_ids: list[int] | None = None, strategy=None):
+        """strategy: with `cfg.shard`, the data-parallel strategy that shards the model's layers."""
         super().__init__(name, cfg)
         self.loaded = loaded
         self.chunk_size, self.micro_batch_size = chunk_size, micro_batch_size
         self.suppress_ids = list(suppress_ids or [])
+        self.strategy = None
+        if cfg.shard:
+            self.strategy = strategy
+            if strategy is None:
+                raise ConfigError(f"teachers.{name}.shard=true needs trainer.strategy=data_parallel")
+            strategy.shard_frozen(loaded.model, f"teachers.{name}")
+            self.collective = True
         # The view's token ids, rendered as a teacher server's client renders them.
         self.prompts = TeacherPrompts(cfg, loaded.tokenizer, loaded.processor)
         # CPU fast path, chosen once: fp32 linears on oneDNN-packed copies while scoring.
         self.packed = can_pack(output_head(self.model))
+
+    @classmethod
+    def check_config(cls, cfg: TeacherConfig, key: str) -> None:
+        super().check_config(cfg, key)
+        if cfg.shard and cfg.share_prompt_prefix:
+            # Prefix sharing runs one or two forwards per micro-batch depending on its rows; a
+            # sharded teacher's forwards are collectives and must match across processes.
+            raise ConfigError(f"{key}.shard=true needs {key}.share_prompt_prefix=false")
+        if cfg.shard and cfg.self_distill:
+            raise ConfigError(f"{key}.shard=true with {key}.self_distill=true is not supported (the frozen copy "
+                              f"is taken from the prepared student); remove {key}.shard")
 
     @classmethod
     def outputs(cls, cfg: TeacherConfig) -> frozenset[str]:
@@ -66,7 +87,7 @@ class LocalTeacher(TeacherScorer):
             loaded = load_model(cfg, f"teachers.{name}", device=ctx.device, trainable=False)
         check_vocabularies(ctx.student, loaded, name)
         return cls(name, cfg, loaded, chunk_size=ctx.chunk_size, micro_batch_size=ctx.micro_batch_size,
-                   suppress_ids=ctx.suppress_ids)
+                   suppress_ids=ctx.suppress_ids, strategy=ctx.strategy)
 
     @property
     def model(self):
@@ -98,6 +119,10 @@ class LocalTeacher(TeacherScorer):
                want_topk: bool) -> TeacherScores:
         device = next(self.model.parameters()).device
         logps, hiddens, topk_ids, topk_logps = [], [], [], []
+        pad = 0
+        if self.strategy is not None:  # sharded: every process runs as many forwards as the busiest one
+            micro_batches = -(-len(records) // self.micro_batch_size)
+            pad = int(self.strategy.reduce_max(float(micro_batches))) - micro_batches
         for start in range(0, len(records), self.micro_batch_size):
             recs = records[start: start + self.micro_batch_size]
             resps = responses[start: start + self.micro_batch_size]
@@ -122,6 +147,8 @@ class LocalTeacher(TeacherScorer):
                                                         suppress_ids=self.suppress_ids or None)
                 topk_ids.append(ids_NK)
                 topk_logps.append(logp_NK)
+        for _ in range(pad):
+            base_model(self.model)(input_ids=torch.zeros(1, 1, dtype=torch.long, device=device), use_cache=False)
         return TeacherScores(torch.cat(logps) if logps else torch.zeros(0),
                              hidden_NH=torch.cat(hiddens) if want_hidden and hiddens else None,
                              topk_ids_NK=torch.cat(topk_ids) if topk_ids else None,

@@ -6,6 +6,11 @@ safetensors), `trainer_state.pt` (optimizer, scheduler, RNG, sampler position, s
 fsynced and renamed into place, and `latest` is replaced atomically afterwards, so a crash
 at any moment leaves the previous checkpoint as the one `--resume` finds. Loading checks
 every hash; a corrupt or partial checkpoint is refused and the previous one is tried.
+
+A data-parallel run with a sharded student writes the `sharded` format instead
+(`uniopd.train.sharded_checkpoint`): the same directory, manifest and `trainer_state.pt`, but
+the model and optimizer as torch.distributed.checkpoint files under `dcp/`, each process
+writing its own shards. `uniopd export` turns either format into a plain model directory.
 """
 
 from __future__ import annotations
@@ -24,6 +29,9 @@ import torch
 from uniopd.utils import atomic_write_text, fsync_dir
 
 log = logging.getLogger(__name__)
+
+
+SHARDED_METADATA = "dcp/.metadata"  # the index of a sharded checkpoint's DCP files
 
 
 class CheckpointError(RuntimeError):
@@ -71,7 +79,7 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, tokenizer:
                           f"checkpoint is kept") from exc
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
@@ -96,7 +104,16 @@ def _save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, tokenizer
     for p in files:
         with open(p, "rb") as fh:
             os.fsync(fh.fileno())
-    manifest = {"step": step, "files": {str(p.relative_to(tmp)): _sha256(p) for p in files}}
+    return finish_checkpoint(tmp, final, {str(p.relative_to(tmp)): sha256_file(p) for p in files}, keep=keep)
+
+
+def finish_checkpoint(tmp: Path, final: Path, digests: dict[str, str], *, keep: int,
+                      extra: dict[str, Any] | None = None) -> Path:
+    """Make the fully written and fsynced `tmp` the checkpoint `final`: the manifest last, then
+    the rename, then `latest`, then pruning. extra: more manifest fields (the sharded format)."""
+    ckpt_root = final.parent
+    step = int(final.name.split("_")[1])
+    manifest = {"step": step, **(extra or {}), "files": digests}
     with open(tmp / "manifest.json", "w") as fh:  # fsynced too: a renamed dir must never hold a torn manifest
         fh.write(json.dumps(manifest, indent=1))
         fh.flush()
@@ -123,14 +140,17 @@ def verify_checkpoint(path: Path) -> dict[str, Any]:
     files = manifest.get("files") if isinstance(manifest, dict) else None
     if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
         raise CheckpointError(f"{path}: manifest.json has no valid 'files' table (corrupt)")
-    if "trainer_state.pt" not in files or not any(str(rel).endswith(".safetensors") for rel in files):
+    # The sharded format (uniopd.train.sharded_checkpoint) keeps its weights in DCP files.
+    sharded = manifest.get("format") == "sharded"
+    has_weights = SHARDED_METADATA in files if sharded else any(str(rel).endswith(".safetensors") for rel in files)
+    if "trainer_state.pt" not in files or not has_weights:
         raise CheckpointError(f"{path}: manifest.json does not list the weights and trainer_state.pt (corrupt)")
     for rel, digest in files.items():
         f = Path(path) / rel
         if not f.is_file():
             raise CheckpointError(f"{path}: {rel} is missing")
         try:
-            actual = _sha256(f)
+            actual = sha256_file(f)
         except OSError as exc:
             raise CheckpointError(f"{path}: {rel} is unreadable: {exc}") from None
         if actual != digest:
@@ -161,6 +181,12 @@ def find_resumable(run_dir: Path) -> Path | None:
         except CheckpointError as exc:
             log.warning("skipping checkpoint: %s", exc)
     return None
+
+
+def checkpoint_format(path: Path) -> str:
+    """`full` (save_pretrained weights, optimizer in trainer_state.pt) or `sharded` (DCP files)."""
+    manifest = json.loads((Path(path) / "manifest.json").read_bytes())
+    return "sharded" if manifest.get("format") == "sharded" else "full"
 
 
 def load_trainer_state(path: Path) -> dict[str, Any]:

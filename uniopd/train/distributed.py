@@ -23,9 +23,16 @@ Student sharding (`trainer.student_sharding`):
   update pads every process to the same number of micro-batches, since each sharded
   layer's forward and backward are collectives.
 
-Frozen local teachers are replicated on every process. Checkpoints hold full weights and a
-full optimizer state written by process 0 (`uniopd.train.checkpoint`, the same format as a
-single process writes), so a run resumes at any world size.
+Frozen local teachers are replicated on every process, or with `teachers.<name>.shard` have
+their decoder layers sharded with FSDP2 as well (`shard_frozen`); such a teacher's forwards
+are collectives, so every process scores each step, padding with one-token forwards to the
+largest micro-batch count.
+
+Checkpoints (`trainer.checkpoint_format`) are either `full`, the weights and optimizer state
+gathered to process 0 and written in the single-process format (`uniopd.train.checkpoint`),
+or `sharded`, each process writing its own shards with torch.distributed.checkpoint
+(`uniopd.train.sharded_checkpoint`); `auto` takes `sharded` when the student is sharded. A
+run resumes from either at any world size.
 """
 
 from __future__ import annotations
@@ -41,7 +48,7 @@ import torch.distributed as dist
 
 from uniopd.config import ConfigError, TrainerConfig
 from uniopd.models.weights import load_weights
-from uniopd.train.checkpoint import find_resumable, load_trainer_state, save_checkpoint
+from uniopd.train.checkpoint import checkpoint_format, find_resumable, load_trainer_state, save_checkpoint
 from uniopd.train.strategy import SingleProcess, TrainingStrategy
 
 log = logging.getLogger(__name__)
@@ -52,7 +59,7 @@ def _is_dtensor(t: torch.Tensor) -> bool:
 
 
 class DataParallel(TrainingStrategy):
-    def __init__(self, sharding: str = "replicate", timeout_s: float = 600.0):
+    def __init__(self, sharding: str = "replicate", timeout_s: float = 600.0, checkpoint_format: str = "auto"):
         if "RANK" not in os.environ and not dist.is_initialized():
             raise ConfigError("trainer.strategy=data_parallel needs torchrun: `torchrun --nproc_per_node N -m uniopd "
                               "train ...` or `uniopd train --nproc N ...`")
@@ -62,6 +69,8 @@ class DataParallel(TrainingStrategy):
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.sharding = sharding
         self.pads_micro_batches = sharding == "shard"
+        self.checkpoint_format = ("sharded" if checkpoint_format == "sharded"
+                                  or (checkpoint_format == "auto" and sharding == "shard") else "full")
         self._replicated: list[torch.nn.Parameter] = []
         self._sharded_layers: list[torch.nn.Module] = []
         self.loss_scale = float(self.world_size)  # FSDP averages gradients; the losses are already global means
@@ -71,11 +80,7 @@ class DataParallel(TrainingStrategy):
         if self.sharding == "shard":
             from torch.distributed.fsdp import fully_shard
 
-            layers = getattr(getattr(model, model.base_model_prefix, None), "layers", None)
-            if layers is None:
-                raise ConfigError(f"trainer.student_sharding=shard: {type(model).__name__} has no decoder "
-                                  f"`layers` to shard; use replicate")
-            for layer in layers:
+            for layer in _decoder_layers(model, "trainer.student_sharding=shard", "use replicate"):
                 fully_shard(layer)
                 self._sharded_layers.append(layer)
         self._replicated = [p for p in model.parameters() if not _is_dtensor(p)]
@@ -83,6 +88,29 @@ class DataParallel(TrainingStrategy):
         with torch.no_grad():
             for p in self._replicated:
                 dist.broadcast(p.data, src=0)
+        return model
+
+    def shard_frozen(self, model: torch.nn.Module, key: str) -> torch.nn.Module:
+        """Shard a frozen model's decoder layers (embeddings, norm and head stay whole: the chunked
+        head reads its weight outside any forward). Each forward then gathers one layer at a time
+        and frees it after, so every process must run the same number of forwards."""
+        from torch.distributed.fsdp import fully_shard
+
+        from uniopd.models.forward import base_model
+
+        layers = _decoder_layers(model, f"{key}.shard=true", f"remove {key}.shard")
+        for layer in layers:
+            fully_shard(layer)
+        # Each sharded layer is its own FSDP root, and FSDP keeps a root's weights gathered after
+        # its forward (expecting a backward) from the first forward on. A frozen model has no
+        # backward: one forward settles that, then each layer frees its gathered weights again.
+        device = next(model.parameters()).device
+        with torch.inference_mode():
+            base_model(model)(input_ids=torch.zeros(1, 1, dtype=torch.long, device=device), use_cache=False)
+        for layer in layers:
+            layer.set_reshard_after_forward(True)
+            layer.reshard()
+        log.info("%s: %d decoder layers sharded over %d processes", key, len(layers), self.world_size)
         return model
 
     @contextlib.contextmanager
@@ -159,7 +187,14 @@ class DataParallel(TrainingStrategy):
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, run_dir, step, model, tokenizer, state, *, keep, optimizer=None):
-        """Every process gathers; process 0 writes the same checkpoint a single process writes."""
+        """`full`: every process gathers and process 0 writes the checkpoint a single process
+        writes. `sharded`: every process writes its own shards."""
+        if self.checkpoint_format == "sharded":
+            from uniopd.train.sharded_checkpoint import save_sharded
+
+            # This process's optimizer.state_dict() holds only its shards: they go to the DCP files.
+            state = {k: v for k, v in state.items() if k != "optimizer"}
+            return save_sharded(run_dir, step, model, tokenizer, state, keep=keep, optimizer=optimizer, strategy=self)
         model_sd = None
         if self._sharded_layers:
             from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
@@ -183,6 +218,11 @@ class DataParallel(TrainingStrategy):
         if path is None:
             return None
         state = load_trainer_state(path)
+        if checkpoint_format(path) == "sharded":
+            from uniopd.train.sharded_checkpoint import load_sharded
+
+            load_sharded(path, model, optimizer, no_dist=False)
+            return path, state
         if not self._sharded_layers:
             load_weights(model, path)
             if optimizer is not None:
@@ -203,6 +243,13 @@ class DataParallel(TrainingStrategy):
     def close(self) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _decoder_layers(model: torch.nn.Module, choice: str, instead: str) -> torch.nn.ModuleList:
+    layers = getattr(getattr(model, model.base_model_prefix, None), "layers", None)
+    if layers is None:
+        raise ConfigError(f"{choice}: {type(model).__name__} has no decoder `layers` to shard; {instead}")
+    return layers
 
 
 def _param_names(model: torch.nn.Module) -> list[str]:
@@ -226,12 +273,15 @@ def _optimizer_state_by_index(model: torch.nn.Module, sd: dict) -> dict:
 
 def build_strategy(cfg: TrainerConfig) -> TrainingStrategy:
     if cfg.strategy == "data_parallel":
-        return DataParallel(cfg.student_sharding)
+        return DataParallel(cfg.student_sharding, checkpoint_format=cfg.checkpoint_format)
     if os.environ.get("WORLD_SIZE", "1") != "1":
         raise ConfigError(f"trainer.strategy=single, but this process is one of WORLD_SIZE="
                           f"{os.environ['WORLD_SIZE']} (torchrun): set trainer.strategy=data_parallel")
     if cfg.student_sharding != "replicate":
         raise ConfigError(f"trainer.student_sharding={cfg.student_sharding!r} needs trainer.strategy=data_parallel")
+    if cfg.checkpoint_format == "sharded":
+        raise ConfigError("trainer.checkpoint_format=sharded needs trainer.strategy=data_parallel (one process "
+                          "writes the full format; it can resume from a sharded checkpoint)")
     return SingleProcess()
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from uniopd.algo.losses.registry import loss_kind
 from uniopd.batch import HIDDEN, TOPK
 from uniopd.config import ConfigError, RunConfig
-from uniopd.rollout.base import checked_engine_class
+from uniopd.rollout.base import checked_engine_class, engine_class
 from uniopd.teachers.base import scorer_class
 
 log = logging.getLogger(__name__)
@@ -39,6 +39,11 @@ def _describe(outputs: frozenset[str]) -> str:
 
 def plan_teachers(cfg: RunConfig) -> TeacherPlan:
     """Check every teacher's scorer against `loss.kind` and `logging.diagnostics`."""
+    engine = engine_class(cfg.rollout.backend)
+    if cfg.trainer.strategy == "data_parallel" and not engine.support.data_parallel:
+        raise ConfigError(f"rollout.backend={cfg.rollout.backend!r} with trainer.strategy=data_parallel (or "
+                          f"uniopd train --nproc > 1) is not supported yet (untested); use rollout.backend=hf "
+                          f"for data-parallel runs or trainer.strategy=single")
     checked_engine_class(cfg.rollout)  # an unknown or misconfigured engine fails here too, before any model loads
     kind = loss_kind(cfg.loss.kind)
     alternatives = kind.teacher_outputs(cfg.loss)
@@ -48,6 +53,9 @@ def plan_teachers(cfg: RunConfig) -> TeacherPlan:
         key = f"teachers.{name}"
         scorer = scorer_class(name, tcfg)
         scorer.check_config(tcfg, key)
+        if tcfg.shard and cfg.trainer.strategy != "data_parallel":
+            raise ConfigError(f"{key}.shard=true needs trainer.strategy=data_parallel (torchrun or uniopd train "
+                              f"--nproc N): one process has nothing to shard over")
         has = scorer.outputs(tcfg)
         how = f"{key}.backend={tcfg.backend!r}" + (f" with {key}.top_k={tcfg.top_k}" if tcfg.top_k else "")
         choice = next((alt for alt in alternatives if alt <= has), None)

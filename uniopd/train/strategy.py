@@ -18,8 +18,9 @@ from typing import Any
 
 import torch
 
+from uniopd.config import ConfigError
 from uniopd.models.weights import load_weights
-from uniopd.train.checkpoint import find_resumable, load_trainer_state, save_checkpoint
+from uniopd.train.checkpoint import checkpoint_format, find_resumable, load_trainer_state, save_checkpoint
 
 
 class TrainingStrategy(ABC):
@@ -60,6 +61,11 @@ class TrainingStrategy(ABC):
         """Context in which forwards need no collective (rollouts, evaluation)."""
         return contextlib.nullcontext()
 
+    def shard_frozen(self, model: torch.nn.Module, key: str) -> torch.nn.Module:
+        """A frozen model (a teacher) sharded across processes; `key` names the config choice."""
+        raise ConfigError(f"{key}.shard=true needs trainer.strategy=data_parallel (one process has nothing to "
+                          f"shard over)")
+
     def sync_gradients(self, model: torch.nn.Module) -> None:
         """Sum gradients across processes where the strategy replicates parameters."""
 
@@ -79,8 +85,13 @@ class TrainingStrategy(ABC):
         path = find_resumable(run_dir)
         if path is None:
             return None
-        load_weights(model, path)
         state = load_trainer_state(path)
+        if checkpoint_format(path) == "sharded":  # written by a data-parallel run; read without a process group
+            from uniopd.train.sharded_checkpoint import load_sharded
+
+            load_sharded(path, model, optimizer, no_dist=True)
+            return path, state
+        load_weights(model, path)
         if optimizer is not None:
             optimizer.load_state_dict(state["optimizer"])
         return path, state

@@ -25,7 +25,7 @@ from uniopd.data.records import PromptRecord
 from uniopd.data.sampler import PromptSampler
 from uniopd.models.loading import LoadedModel, load_model
 from uniopd.models.multimodal import StudentVision
-from uniopd.rollout.base import build_rollout_engine
+from uniopd.rollout.base import EngineFailed, build_rollout_engine
 from uniopd.rollout.collect import ResponseVerifier, collect_step
 from uniopd.runtime import rng_state, set_rng_state, setup_process
 from uniopd.teachers.base import ScorerContext, TeacherScorer, TeacherServiceError, scorer_class
@@ -78,7 +78,8 @@ class Trainer:
         check_views(records, self.router.teacher_for, cfg.teachers,
                     vision_teachers={n for n, t in self.teachers.items() if t.sees_images})
         self.records, self.prompt_ids, self.prompt_stats = prepare_prompts(
-            records, self.student.tokenizer, cfg.model, cfg.data, encode=self.vision.ids if self.vision else None)
+            records, self.student.tokenizer, cfg.model, cfg.data, encode=self.vision.ids if self.vision else None,
+            limit=self.engine.prompt_limit(cfg.model.max_prompt_tokens))
         self._ids_by_record = {r.id: ids for r, ids in zip(self.records, self.prompt_ids)}
 
         # fused: one kernel over all parameters (the default on CPU is a per-tensor Python loop, ~7x slower).
@@ -108,7 +109,8 @@ class Trainer:
         for name, tcfg in self.cfg.teachers.items():
             ctx = ScorerContext(self.student, self.device, chunk_size=self.cfg.loss.chunk_size,
                                 micro_batch_size=self.cfg.trainer.micro_batch_size,
-                                suppress_ids=list(self.suppress_ids), preloaded=given.get(name))
+                                suppress_ids=list(self.suppress_ids), preloaded=given.get(name),
+                                strategy=self.strategy)
             out[name] = scorer_class(name, tcfg).from_config(name, tcfg, ctx)
         return out
 
@@ -171,6 +173,8 @@ class Trainer:
         for name, teacher in self.teachers.items():
             rows = [b for b, t in enumerate(batch.teacher_names) if t == name]
             if not rows:
+                if teacher.collective:  # its forwards are collectives: this process pads them
+                    teacher.score([], [], want=self.plan.want[name])
                 continue
             t = time.perf_counter()
             scores = teacher.score([batch.records[b] for b in rows], [batch.samples[b].response_ids for b in rows],
@@ -324,9 +328,16 @@ class Trainer:
         last: dict[str, Any] = {}
         try:
             while self.step_idx < cfg.steps and not self._stopping():
-                metrics, samples = self.step()
-                if cfg.eval_every and self.cfg.data.eval and self.step_idx % cfg.eval_every == 0:
-                    metrics.update(self.evaluate())
+                at = self.step_idx + 1
+                try:
+                    metrics, samples = self.step()
+                    if cfg.eval_every and self.cfg.data.eval and self.step_idx % cfg.eval_every == 0:
+                        metrics.update(self.evaluate())
+                except EngineFailed as exc:
+                    # Saving now could write a half-done step that resume cannot reproduce: the
+                    # last checkpoint stays the one to continue from.
+                    raise EngineFailed(f"{exc}; at step {at}, stopping without saving "
+                                       f"({self._last_checkpoint()})") from exc
                 logger.log(self.step_idx, metrics, samples)
                 last = metrics
                 if cfg.save_every and self.step_idx % cfg.save_every == 0:
@@ -339,6 +350,13 @@ class Trainer:
             logger.close()
         return {"step": self.step_idx, "metrics": last, "run_dir": str(self.run_dir),
                 "metrics_path": str(logger.metrics_path), "stopped_by_signal": self._stop_signal}
+
+    def _last_checkpoint(self) -> str:
+        latest = self.run_dir / "checkpoints" / "latest"
+        if not latest.is_file():
+            return f"no checkpoint in {self.run_dir} yet"
+        path = self.run_dir / "checkpoints" / latest.read_text(errors="replace").strip()
+        return f"the last checkpoint, {path}, is intact: uniopd train --resume continues from it"
 
     def _stopping(self) -> bool:
         """A signal reached any process: all of them finish this step, save and stop together."""
@@ -354,6 +372,7 @@ class Trainer:
         if self._eval_records is None:
             self._eval_records = load_prompt_records(self.cfg.data, self.cfg.data.eval)
         result = evaluate_model(self.student, self._eval_records, self.cfg.rollout, self.cfg.model, self.cfg.data,
-                                k=self.cfg.trainer.eval_n, generator=torch.Generator(self.device).manual_seed(0),
-                                progress=False, engine=self.engine)
+                                k=self.cfg.trainer.eval_n, greedy=self.cfg.trainer.eval_greedy,
+                                generator=torch.Generator(self.device).manual_seed(0), progress=False,
+                                engine=self.engine)
         return {f"eval/{k}": v for k, v in result["metrics"].items()}
