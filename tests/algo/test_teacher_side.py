@@ -487,6 +487,15 @@ def test_margin_after_calibration_is_reported_for_shift_and_mask():
     # Greedy mask drops the correct 0 (the tie rule): kept correct [3], incorrect [1, -2] -> m = 2.
     res = run(adv, adv * 0, adv * 0, mask, correct, ids, method="mask", mode="minmax", mask_strategy="greedy")
     assert res.metrics["calib/mean_margin_after"] == pytest.approx(2.0)
+    # On random batches a shift puts every two-outcome group at δ or above, rounding included.
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        r_adv = torch.randn(32, 5, generator=g)
+        r_ids = torch.randint(0, 4, (32,), generator=g)
+        r_correct = torch.rand(32, generator=g) < 0.5
+        res = run(r_adv, r_adv * 0, r_adv * 0, torch.ones_like(r_adv, dtype=torch.bool), r_correct, r_ids,
+                  mode="mean", direction="both", delta=0.4)
+        assert res.metrics["calib/order_consistency_rate_after"] == 1.0
     # Disabled: no "after" keys (nothing moved).
     res = run(adv, adv * 0, adv * 0, mask, correct, ids, enabled=False)
     assert "calib/mean_margin_after" not in res.metrics

@@ -106,3 +106,46 @@ def test_the_noisy_setting_is_the_clean_teacher_with_noisy_labels():
     clean, noisy = SETTINGS["single"].teachers[0][1], SETTINGS["noisy"].teachers[0][1]
     assert replace(noisy, label_noise=0.0, target_acc=clean.target_acc) == clean
     assert noisy.key("teacher") != clean.key("teacher")
+
+
+def test_a_signal_stops_the_grid_without_a_result_and_the_next_call_resumes(tmp_path, monkeypatch):
+    import os
+    import signal
+
+    from uniopd.train.trainer import Trainer
+
+    setting = Setting((("addition", TINY),), TINY, steps=3, num_heldout=8)
+    plan = AblationPlan({"single": setting}, ["opd"], [0], num_train=32,
+                        extra=(*TINY_EXTRA, "trainer.save_every=1"))
+    step = Trainer.step
+
+    def step_then_sigterm(self):
+        out = step(self)
+        if self.step_idx == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # as `kill` from a shell would, mid-run
+        return out
+
+    monkeypatch.setattr(Trainer, "step", step_then_sigterm)
+    lines: list[str] = []
+    with pytest.raises(SystemExit) as exc:
+        Ablation(plan, tmp_path / "a", cache_dir=tmp_path / "cache", progress=False, log=lines.append).run()
+    assert exc.value.code == 128 + signal.SIGTERM
+    assert "stopped by signal 15 at step 2" in lines[-1]
+    assert not (tmp_path / "a" / "single" / "opd" / "seed0" / "result.json").exists()
+    monkeypatch.setattr(Trainer, "step", step)
+    lines.clear()
+    summary = Ablation(plan, tmp_path / "a", cache_dir=tmp_path / "cache", progress=False, log=lines.append).run()
+    assert any("resumed at step 2" in line for line in lines)
+    assert summary["settings"]["single"]["runs"]["opd"]["0"]["steps"] == 3
+
+
+def test_the_command_defaults_are_the_modules_tables():
+    from uniopd.cli import build_parser
+    from uniopd.demo.ablate import DEFAULT_SETTINGS
+
+    args = build_parser().parse_args(["ablate"])
+    assert args.settings.split(",") == list(DEFAULT_SETTINGS) and set(DEFAULT_SETTINGS) <= set(SETTINGS)
+    assert args.methods.split(",") == list(METHODS) and args.seeds == [0, 1, 2]
+    # The neighbour setting's teacher is the subtraction expert, routed the addition records.
+    assert SETTINGS["neighbour"].teachers[0][0] == "addition"
+    assert SETTINGS["neighbour"].teachers[0][1].tasks == ("subtraction",)

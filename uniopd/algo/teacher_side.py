@@ -181,8 +181,9 @@ def calibrate_advantages(
         # The same statistics after calibration, over the rollouts the loss keeps: how far
         # the shift or mask moved the margins toward δ.
         kept_B = keep_B if known is None else keep_B & known
+        # A shift lands a margin on δ itself, up to rounding: compare with a hair below δ.
         after = calibration_stats(
-            calibrated_BT, mask_BT, correct_B, group_ids_B, delta=delta, mode=mode, known_B=kept_B
+            calibrated_BT, mask_BT, correct_B, group_ids_B, delta=delta - 1e-5, mode=mode, known_B=kept_B
         )
         metrics["calib/mean_margin_after"] = after["mean_margin"]
         metrics["calib/order_consistency_rate_after"] = after["order_consistency_rate"]

@@ -17,7 +17,8 @@ def add_parser(sub) -> None:
     p = sub.add_parser("ablate", help="ablation of the Uni-OPD recipe on the offline demo tasks (tables + plots)")
     # Names only here: the ablation module loads torch and transformers, which every other
     # command's --help would then pay for. `run` checks them against the module's tables.
-    p.add_argument("--settings", default="single,multi,noisy", help="comma list of: single, multi, noisy")
+    p.add_argument("--settings", default="single,multi,neighbour",
+                   help="comma list of: single, multi, neighbour, noisy (default: the first three)")
     p.add_argument("--methods", default="student,opd,shift,mask,online,offline,uniopd",
                    help="comma list of: student, opd, shift, mask, online, offline, uniopd")
     p.add_argument("--seeds", type=_ints, default=[0, 1, 2], help="OPD seeds (default: 0,1,2)")

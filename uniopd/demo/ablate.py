@@ -17,11 +17,15 @@ Settings:
     single    the demo: one addition teacher, a weaker student
     multi     the multi-teacher demo: an addition and a subtraction expert, one student,
               each record routed to its domain's teacher
-    noisy     one addition teacher trained on labels that drop the carry in half of the
-              problems with a carry (57 + 25 -> 72): torn between the right answer and one
-              particular slip, its token-level scores rank a student's slip about as high
-              as the right answer. The order-consistency rate of every teacher is measured
-              on the student's rollouts of the first step, before any update.
+    neighbour the failure the paper targets, built in: the addition student distilled from
+              the subtraction expert, a teacher for a neighbouring task whose token-level
+              scores say little about which of the student's sums are right
+    noisy     (not in the default grid) an addition teacher trained on labels that drop the
+              carry in half of the problems with one (57 + 25 -> 72); measured: still
+              order-consistent on the student's rollouts, so not the failure above
+
+The order-consistency rate of every teacher is measured on the student's rollouts of the
+first step, before any update (`calib/order_consistency_rate` of that step).
 
 Every run lives in OUT/<setting>/<method>/seed<k>. A finished run writes `result.json` and
 is skipped when the command runs again; an interrupted one resumes from its last checkpoint.
@@ -96,8 +100,10 @@ class Setting:
 SETTINGS: dict[str, Setting] = {
     "single": Setting((("addition", TEACHER),), STUDENT, steps=100, num_heldout=300),
     "multi": Setting(tuple(EXPERTS.items()), MIXED_STUDENT, steps=150, num_heldout=200),
+    "neighbour": Setting((("addition", EXPERTS["subtraction"]),), STUDENT, steps=100, num_heldout=300),
     "noisy": Setting((("addition", NOISY_TEACHER),), STUDENT, steps=100, num_heldout=300),
 }
+DEFAULT_SETTINGS = ("single", "multi", "neighbour")
 
 # The budget every method gets: half the demo's prompts per step and half its steps, so that
 # the 54 training runs of the default grid stay near an hour on 2 cores.
@@ -296,6 +302,12 @@ class Ablation:
         if trainer.resume():
             self.log(f"{name} {method} seed {seed}: resumed at step {trainer.step_idx}")
         out = trainer.train()
+        if out["stopped_by_signal"] is not None:
+            # The trainer saved a checkpoint; this run has no result yet, and the next
+            # `uniopd ablate` with the same --out resumes it.
+            self.log(f"{name} {method} seed {seed}: stopped by signal {out['stopped_by_signal']} at step "
+                     f"{out['step']}; run the same command again to resume")
+            raise SystemExit(128 + out["stopped_by_signal"])
         final = run_dir / "checkpoints" / f"step_{out['step']:06d}"
         rows = _read_metrics(run_dir / "metrics.jsonl")
         first = rows[0] if rows and rows[0]["step"] == 1 else {}

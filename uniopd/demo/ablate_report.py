@@ -112,6 +112,11 @@ def _figure(n_panels: int):
     return fig, [fig.add_subplot(1, n_panels, i + 1) for i in range(n_panels)]
 
 
+def _legend(ax) -> None:
+    if ax.get_legend_handles_labels()[0]:  # a panel can be empty (no calibrated method in the plan)
+        ax.legend(fontsize=7)
+
+
 def _trained(setting: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
     return {m: list(r.values()) for m, r in setting["runs"].items() if m != "student"}
 
@@ -133,7 +138,7 @@ def save_plots(summary: dict[str, Any], out_dir: Path) -> list[Path]:
         for domain, acc in s["teachers"].items():
             ax.axhline(acc["all"], ls=":", color="grey")
         ax.set(title=f"{name}: held-out accuracy (greedy)", xlabel="step", ylabel="accuracy")
-        ax.legend(fontsize=7)
+        _legend(ax)
     written.append(save_figure_png(fig, out_dir / "accuracy.png"))
 
     fig, axes = _figure(len(names))
@@ -142,7 +147,7 @@ def save_plots(summary: dict[str, Any], out_dir: Path) -> list[Path]:
             ax.plot(*_mean_curve(results, "calib/order_consistency_rate", SMOOTH), label=LABELS.get(method, method))
         ax.set(title=f"{name}: order consistency (before calibration)", xlabel="step", ylabel="rate",
                ylim=(-0.02, 1.02))
-        ax.legend(fontsize=7)
+        _legend(ax)
     written.append(save_figure_png(fig, out_dir / "order_consistency.png"))
 
     fig, axes = _figure(len(names))
@@ -155,7 +160,7 @@ def save_plots(summary: dict[str, Any], out_dir: Path) -> list[Path]:
                     label=f"{method}: after")
         ax.axhline(0.4, ls=":", color="grey")
         ax.set(title=f"{name}: mean margin before / after calibration", xlabel="step", ylabel="margin")
-        ax.legend(fontsize=7)
+        _legend(ax)
     written.append(save_figure_png(fig, out_dir / "margins.png"))
 
     with_balance = [n for n in names if settings[n].get("offline_balance")]
@@ -168,6 +173,6 @@ def save_plots(summary: dict[str, Any], out_dir: Path) -> list[Path]:
             ax.bar([b + 0.2 for b in bins], bal["hist_after"], 0.4, label=f"after (n={sum(bal['hist_after'])})")
             ax.set(title=f"{name}: student pass rates, seed {seed}", xlabel="pass-rate bin (0 = hardest)",
                    ylabel="prompts")
-            ax.legend(fontsize=7)
+            _legend(ax)
         written.append(save_figure_png(fig, out_dir / "pass_rates.png"))
     return written
