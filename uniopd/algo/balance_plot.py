@@ -68,6 +68,7 @@ def save_figure_png(fig, path: str | os.PathLike[str]) -> Path:
     try:
         with os.fdopen(fd, "wb") as fh:
             fig.savefig(fh, format="png")
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; a plot is meant to be shared
         os.replace(tmp, target)
     except BaseException:
         if os.path.exists(tmp):
