@@ -51,6 +51,7 @@ from uniopd.demo.build import (STUDENT, TEACHER, TinyModelSpec, build_model, def
                                mixed_records)
 from uniopd.demo.multi import EXPERTS, MIXED_STUDENT
 from uniopd.demo.run import accuracy_by_domain, demo_config
+from uniopd.report import read_run
 
 SHIFT = ("calibration.enabled=true", "calibration.method=shift", "calibration.delta=0.4", "calibration.mode=mean",
          "calibration.direction=both", "calibration.scope=group")
@@ -135,10 +136,6 @@ class AblationPlan:
 
     def built(self, spec: TinyModelSpec) -> TinyModelSpec:
         return replace(spec, seed=spec.seed + self.build_seed) if self.build_seed else spec
-
-
-def _read_metrics(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -309,7 +306,7 @@ class Ablation:
                      f"{out['step']}; run the same command again to resume")
             raise SystemExit(128 + out["stopped_by_signal"])
         final = run_dir / "checkpoints" / f"step_{out['step']:06d}"
-        rows = _read_metrics(run_dir / "metrics.jsonl")
+        rows = read_run(run_dir)["rows"]
         first = rows[0] if rows and rows[0]["step"] == 1 else {}
         kl = [r["teacher_kl"] for r in rows[-10:] if "teacher_kl" in r]
         result = {"acc": accuracy_by_domain(final, ctx["heldout"]), "seconds": time.perf_counter() - t,

@@ -10,11 +10,11 @@ before/after offline balancing.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from uniopd.algo.balance_plot import save_figure_png
+from uniopd.report import read_run
 
 LABELS = {"student": "student (before)", "opd": "OPD", "shift": "OPD + margin shift", "mask": "OPD + margin mask",
           "online": "OPD + online balancing", "offline": "OPD + offline balancing", "uniopd": "Uni-OPD (full)"}
@@ -85,9 +85,7 @@ def ablation_markdown(summary: dict[str, Any]) -> str:
 
 def _metrics(result: dict[str, Any]) -> list[dict[str, Any]]:
     path = Path(result.get("metrics_path", ""))
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_run(path.parent)["rows"] if path.is_file() else []
 
 
 def _mean_curve(results: list[dict[str, Any]], key: str, smooth: int = 1) -> tuple[list[int], list[float]]:
