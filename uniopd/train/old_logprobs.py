@@ -23,8 +23,9 @@ import torch
 
 from uniopd.batch import StepBatch
 from uniopd.config import RolloutConfig
-from uniopd.models.forward import build_layout, response_logprobs
+from uniopd.models.forward import response_logprobs
 from uniopd.models.loading import LoadedModel
+from uniopd.train.micro import micro_inputs
 
 
 @torch.no_grad()
@@ -43,14 +44,8 @@ def trainer_logprobs(student: LoadedModel, batch: StepBatch, prompt_ids: list[li
             micro = [r for r in micro if batch.samples[r].response_ids]
             if not micro:
                 continue
-            layout = build_layout([prompt_ids[r] for r in micro], [batch.samples[r].response_ids for r in micro],
-                                  student.tokenizer.pad_token_id, device, share_prefix=share_prefix)
-            extra = None
-            if multimodal is not None:
-                from uniopd.models.multimodal import layout_inputs
-
-                extra = layout_inputs(model, layout, [multimodal[r] for r in micro],
-                                      [len(prompt_ids[r]) for r in micro])
+            layout, extra = micro_inputs(student, model, batch, prompt_ids, micro, multimodal, device,
+                                         share_prefix=share_prefix)
             logp_N, _ = response_logprobs(model, layout, chunk_size=chunk_size, temperature=temperature,
                                           extra_inputs=extra, suppress_ids=suppress_ids)
             rows_N = torch.tensor(micro)[layout.row_N.cpu()]

@@ -21,6 +21,7 @@ from uniopd.batch import StepBatch
 from uniopd.config import LossConfig, TrainerConfig
 from uniopd.models.forward import build_layout, output_head, response_logprobs
 from uniopd.models.loading import LoadedModel
+from uniopd.train.micro import micro_inputs
 from uniopd.train.strategy import SingleProcess, TrainingStrategy
 
 
@@ -167,14 +168,8 @@ def policy_update(student: LoadedModel, batch: StepBatch, optimizer: torch.optim
                 _empty_backward(model, student, device)
                 continue
             try:
-                layout = build_layout([prompt_ids[r] for r in micro], [batch.samples[r].response_ids for r in micro],
-                                      student.tokenizer.pad_token_id, device, share_prefix=share_prefix)
-                extra = None
-                if multimodal is not None:
-                    from uniopd.models.multimodal import layout_inputs
-
-                    extra = layout_inputs(model, layout, [multimodal[r] for r in micro],
-                                          [len(prompt_ids[r]) for r in micro])
+                layout, extra = micro_inputs(student, model, batch, prompt_ids, micro, multimodal, device,
+                                             share_prefix=share_prefix)
                 logp_N, hidden_NH = response_logprobs(model, layout, chunk_size=loss_cfg.chunk_size,
                                                       temperature=temperature, return_hidden=dense or diagnostics,
                                                       extra_inputs=extra, suppress_ids=suppress_ids)
