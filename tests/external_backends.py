@@ -108,6 +108,12 @@ class TopKOnlyScorer(_PlainScorer):
                              topk_logp_NK=torch.cat(tops) if TOPK in want else None)
 
 
+class OneProcessSampler(PlainSampler):
+    """An engine that declares it cannot run one copy per process (`EngineSupport.data_parallel`)."""
+
+    support = EngineSupport(images=False, weight_sync="shared", data_parallel=False)
+
+
 class NotAScorer:
     """Not a TeacherScorer: choosing it must fail naming the key."""
 

@@ -18,6 +18,7 @@ import textwrap
 import time
 
 import pytest
+from sandbox_procs import kill_run, launchers_of_run, processes_of_run, wait_until
 
 from uniopd.data.records import PromptRecord
 from uniopd.rewards import CodeVerifier
@@ -25,22 +26,6 @@ from uniopd.rewards.sandbox import SandboxLimits, isolation_available, run_pytho
 
 ISO = isolation_available()
 FAST = SandboxLimits(timeout_s=1.5, memory_mb=512, group_memory_mb=768, nproc=16, output_bytes=64 * 1024, tmpfs_mb=16, fsize_mb=4)
-
-
-def _processes_of_run(run_id: str) -> list[int]:
-    """Live processes whose command line carries this run's tag."""
-    found = []
-    tag = f"uniopd-sandbox-{run_id}".encode()
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/cmdline", "rb") as f:
-                if tag in f.read():
-                    found.append(int(name))
-        except OSError:
-            pass
-    return found
 
 
 def _processes_of_uid(uid: int | None) -> list[int]:
@@ -63,7 +48,7 @@ def _processes_of_uid(uid: int | None) -> list[int]:
 def _assert_no_leftovers(res) -> None:
     deadline = time.monotonic() + 3
     while time.monotonic() < deadline:
-        left = _processes_of_run(res.run_id) + _processes_of_uid(res.uid)
+        left = processes_of_run(res.run_id) + _processes_of_uid(res.uid)
         if not left:
             return
         time.sleep(0.05)
@@ -424,155 +409,6 @@ def test_private_root_holds_the_stdlib_but_not_the_packages_or_the_job():
     assert _root_spec(True, _python_for_sandbox())["masks"] == []
 
 
-# ----------------------------------------------------------------------------- caller death
-# A check must not outlive its wall-clock limit when the process that started it is killed
-# (OOM killer, SIGKILL of the trainer) or stops enforcing the limit (frozen, stopped).
-
-_CALLER = """
-import sys
-from uniopd.rewards.sandbox import SandboxLimits, run, _python_for_sandbox
-rid, timeout = sys.argv[1], float(sys.argv[2])
-res = run([_python_for_sandbox(), "-I", "-S", "-c", "import time\\ntime.sleep(600)\\n", "uniopd-sandbox-" + rid],
-          limits=SandboxLimits(timeout_s=timeout), run_id=rid)
-print("RESULT", res.timed_out, repr(res.error), flush=True)
-"""
-
-
-def _launchers_of_run(run_id: str) -> list[int]:
-    found = []
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                with open(f"/proc/{name}/cmdline", "rb") as f:
-                    args = f.read().split(b"\0")
-            except OSError:
-                continue
-            if any(a.endswith(b"sandbox_launcher.py") for a in args) and run_id.encode() in args:
-                found.append(int(name))
-    return found
-
-
-def _own_cgroup_dirs() -> list[str]:
-    from uniopd.rewards.sandbox import _own_cgroup
-
-    dirs = []
-    for controller in ("pids", "memory"):
-        own = _own_cgroup(controller)
-        if own is not None and own[0] not in dirs:
-            dirs.append(own[0])
-    return dirs
-
-
-def _leftovers_of_run(run_id: str) -> list[str]:
-    """This run's temporary directories and cgroups that still exist."""
-    left = [os.path.join(tempfile.gettempdir(), n) for n in os.listdir(tempfile.gettempdir()) if run_id in n]
-    for base in _own_cgroup_dirs():
-        try:
-            left += [os.path.join(base, n) for n in os.listdir(base) if run_id in n]
-        except OSError:
-            pass
-    return left
-
-
-def _wait_until(predicate, seconds: float) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
-
-
-def _start_caller(run_id: str, timeout_s: float) -> subprocess.Popen:
-    caller = subprocess.Popen([sys.executable, "-c", _CALLER, run_id, str(timeout_s)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    if not _wait_until(lambda: _processes_of_run(run_id) or caller.poll() is not None, 30) or caller.poll() is not None:
-        caller.kill()
-        out, err = caller.communicate()
-        pytest.fail(f"the sandboxed program never started: {out!r} {err[-2000:]!r}")
-    return caller
-
-
-def _kill_run(run_id: str) -> None:
-    """Test cleanup: whatever of this run is still alive (only processes tagged with its id)."""
-    for pid in _processes_of_run(run_id) + _launchers_of_run(run_id):
-        try:
-            os.kill(pid, 9)
-        except OSError:
-            pass
-
-
-def test_check_dies_within_its_limit_when_the_caller_is_killed():
-    run_id = os.urandom(6).hex()
-    timeout_s = 4.0
-    caller = _start_caller(run_id, timeout_s)
-    try:
-        caller.kill()
-        caller.wait()
-        killed = time.monotonic()
-        gone = _wait_until(lambda: not (_processes_of_run(run_id) or _launchers_of_run(run_id)), timeout_s + 3)
-        assert gone, f"sandboxed processes outlived their caller: {_processes_of_run(run_id) + _launchers_of_run(run_id)}"
-        assert time.monotonic() - killed < timeout_s + 3
-        assert _wait_until(lambda: not _leftovers_of_run(run_id), 3), _leftovers_of_run(run_id)
-    finally:
-        _kill_run(run_id)
-
-
-def test_wall_limit_holds_while_the_caller_is_frozen():
-    run_id = os.urandom(6).hex()
-    timeout_s = 2.0
-    caller = _start_caller(run_id, timeout_s)
-    try:
-        os.kill(caller.pid, 19)  # SIGSTOP: the caller enforces nothing now
-        assert _wait_until(lambda: not _processes_of_run(run_id), timeout_s + 3), "the program outlived its wall limit"
-        os.kill(caller.pid, 18)  # SIGCONT
-        out, err = caller.communicate(timeout=60)
-        assert b"RESULT True ''" in out, (out, err[-2000:])
-        assert not _leftovers_of_run(run_id)
-    finally:
-        caller.kill()
-        _kill_run(run_id)
-
-
-def test_leftovers_of_a_killed_run_are_cleaned_at_start_up():
-    from uniopd.rewards import sandbox
-
-    run_id = os.urandom(6).hex()
-    caller = _start_caller(run_id, 60.0)
-    try:
-        # Freeze the caller, then SIGKILL the launcher: nobody is left to clean up.
-        os.kill(caller.pid, 19)
-        for pid in _launchers_of_run(run_id):
-            os.kill(pid, 9)
-        caller.kill()
-        caller.wait()
-        assert _wait_until(lambda: not (_processes_of_run(run_id) or _launchers_of_run(run_id)), 5), "the program outlived its launcher"
-        assert _leftovers_of_run(run_id), "nothing left to clean: the test did not kill the launcher first"
-        sandbox._clean_stale_runs()
-        assert not _leftovers_of_run(run_id)
-    finally:
-        _kill_run(run_id)
-
-
-def test_start_up_cleaning_spares_live_runs():
-    import threading
-
-    from uniopd.rewards.sandbox import _clean_stale_runs, _python_for_sandbox, run
-
-    run_id = os.urandom(6).hex()
-    box = {}
-    argv = [_python_for_sandbox(), "-I", "-S", "-c", "import time\ntime.sleep(2)\n", f"uniopd-sandbox-{run_id}"]
-    worker = threading.Thread(target=lambda: box.setdefault("res", run(argv, limits=SandboxLimits(timeout_s=20), run_id=run_id)))
-    worker.start()
-    try:
-        assert _wait_until(lambda: _processes_of_run(run_id), 20)
-        _clean_stale_runs()
-        worker.join(30)
-        assert box["res"].exit_code == 0 and not box["res"].error, box["res"]
-    finally:
-        worker.join(30)
-        _kill_run(run_id)
-
-
 # ----------------------------------------------------------------------------- uids
 
 
@@ -719,7 +555,7 @@ def test_launcher_is_outside_the_programs_memory_cgroup():
     worker = threading.Thread(target=lambda: box.setdefault("res", run(argv, limits=SandboxLimits(timeout_s=20), run_id=run_id)))
     worker.start()
     try:
-        assert _wait_until(lambda: _processes_of_run(run_id), 20)
+        assert wait_until(lambda: processes_of_run(run_id), 20)
         from uniopd.rewards.sandbox import _own_cgroup
 
         base = _own_cgroup("memory")[0]
@@ -729,11 +565,11 @@ def test_launcher_is_outside_the_programs_memory_cgroup():
         for g in groups:
             with open(os.path.join(g, "cgroup.procs")) as f:
                 members += [int(p) for p in f.read().split()]
-        assert members and not set(members) & set(_launchers_of_run(run_id)), (members, _launchers_of_run(run_id))
-        assert set(members) <= set(_processes_of_run(run_id)), members
+        assert members and not set(members) & set(launchers_of_run(run_id)), (members, launchers_of_run(run_id))
+        assert set(members) <= set(processes_of_run(run_id)), members
     finally:
         worker.join(30)
-        _kill_run(run_id)
+        kill_run(run_id)
     assert box["res"].exit_code == 0, box["res"]
 
 

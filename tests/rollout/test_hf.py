@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from uniopd.config import RolloutConfig
@@ -66,3 +67,18 @@ def test_top_p_keeps_only_the_nucleus():
     draws = {int(sample_top_p(logits, 0.7, g)) for _ in range(300)}
     assert draws == {0, 1}  # 0.5 + 0.3 reaches 0.7; tokens 2 and 3 are cut
     assert int(sample_top_p(logits, 0.01, g)) == 0
+
+
+def test_the_engine_takes_prompts_that_fit_the_students_positions_with_the_response(tiny_student_dir):
+    from uniopd.config import ConfigError
+    from uniopd.rollout.hf import HFEngine
+
+    lm = _load(tiny_student_dir)  # max_position_embeddings=128
+    assert HFEngine(RolloutConfig(max_new_tokens=8), lm).prompt_limit(64).keys == "model.max_prompt_tokens=64"
+    limit = HFEngine(RolloutConfig(max_new_tokens=100), lm).prompt_limit(1024)
+    assert limit.tokens == 28
+    assert limit.keys == ("the 28 tokens the hf engine has for a prompt (the student's max_position_embeddings=128 "
+                          "- rollout.max_new_tokens=100; model.max_prompt_tokens=1024)")
+    with pytest.raises(ConfigError, match=r"the student's max_position_embeddings=128 leaves no room for a prompt "
+                                          r"after rollout.max_new_tokens=128"):
+        HFEngine(RolloutConfig(max_new_tokens=128), lm)

@@ -17,6 +17,7 @@ import time
 import pytest
 from dp_runs import assert_same_run, dp_args, env, metric_rows, train
 from helpers import write_jsonl
+from teacher_servers import ServeTeacher
 
 from uniopd.cli import main
 from uniopd.train.checkpoint import find_resumable
@@ -81,6 +82,35 @@ def test_sharded_teachers_pad_on_processes_that_have_no_rows_for_them(setup, tin
     train(common, one)
     train(common + ["teachers.a.shard=true", "teachers.b.shard=true"], two, nproc=2)
     assert_same_run(one, two, [1, 2])
+
+
+def test_each_process_scores_its_rows_with_the_teacher_server_as_one_process_in_process(setup, tiny_teacher_dir):
+    root, args = setup
+    server = ServeTeacher(tiny_teacher_dir).start()
+    try:
+        one, two = root / "teacher_in_process", root / "teacher_served"
+        train(args + ["trainer.steps=2"], one)
+        train(args + ["trainer.steps=2", "teachers.t.backend=remote", f"teachers.t.urls=[{server.url}]",
+                      "teachers.t.timeout_s=60"], two, nproc=2)
+    finally:
+        server.kill()
+    assert_same_run(one, two, [1, 2])
+
+
+def test_teacher_service_metrics_cover_every_process():
+    from uniopd.train.distributed import merge_teacher_metrics
+
+    # Process 0 scored 100 tokens of teacher a in 2 s; process 1 300 tokens in 4 s, and had rows
+    # for teacher b too.
+    parts = [{"teacher/a/failed_rows": 1.0, "teacher/a/latency_s": 2.0, "teacher/a/tokens_per_s": 50.0,
+              "teacher/a/request_latency_s": 0.5, "teacher/a/retries": 2.0},
+             {"teacher/a/failed_rows": 3.0, "teacher/a/latency_s": 4.0, "teacher/a/tokens_per_s": 75.0,
+              "teacher/a/request_latency_s": 1.5, "teacher/a/retries": 0.0,
+              "teacher/b/failed_rows": 0.0, "teacher/b/latency_s": 1.0, "teacher/b/tokens_per_s": 10.0}]
+    assert merge_teacher_metrics(parts) == {
+        "teacher/a/failed_rows": 4.0, "teacher/a/latency_s": 4.0, "teacher/a/tokens_per_s": 400 / 4.0,
+        "teacher/a/request_latency_s": 1.0, "teacher/a/retries": 2.0,
+        "teacher/b/failed_rows": 0.0, "teacher/b/latency_s": 1.0, "teacher/b/tokens_per_s": 10.0}
 
 
 @pytest.mark.parametrize("overrides, message", [

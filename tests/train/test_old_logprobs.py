@@ -44,6 +44,32 @@ def test_replace_engine_logprobs_by_hand():
     assert plain.is_weight_BT is None
 
 
+class TwoProcesses:
+    """The reductions of a 2-process strategy, the other process holding `other` (its sums, its max)."""
+
+    def __init__(self, other_sums, other_max):
+        self.other_sums, self.other_max = other_sums, other_max
+
+    def reduce_sums(self, sums):
+        return {k: v + self.other_sums[k] for k, v in sums.items()}
+
+    def reduce_max(self, value):
+        return max(value, self.other_max)
+
+
+def test_the_mismatch_is_over_every_process_rows():
+    batch = _batch([[-1.0, -2.0], [-0.5]])  # |diff| 0.1, 1.0, 0.0 here
+    trainer_BT = torch.tensor([[-1.1, -1.0], [-0.5, 0.0]])
+    # The other process: 5 tokens, |diff| summing to 0.4, largest 2.5; 1 token at the cap.
+    other = {"n": 5.0, "diff": 0.4, "tis": 4.0, "capped": 1.0}
+    metrics = replace_engine_logprobs(batch, trainer_BT, RolloutConfig(old_logprobs="engine", tis_cap=2.0),
+                                      TwoProcesses(other, 2.5))
+    assert metrics["rollout/logprob_diff_max"] == pytest.approx(2.5)
+    assert metrics["rollout/logprob_diff_mean"] == pytest.approx((1.1 + 0.4) / 8)
+    assert metrics["rollout/tis_weight_mean"] == pytest.approx((math.exp(-0.1) + 2.0 + 1.0 + 4.0) / 8)
+    assert metrics["rollout/tis_capped_frac"] == pytest.approx((1 + 1) / 8)
+
+
 class ShiftedEngine(HFEngine):
     """The hf loop reporting log-probs off by SHIFT, as another engine's kernels would be."""
 

@@ -60,14 +60,14 @@ def test_unknown_backends_fail_naming_the_key(tmp_path, key, value, message):
 
 
 def test_an_engine_without_data_parallel_support_is_refused_under_data_parallel(tmp_path, capsys):
-    # Before vLLM's own checks: the refusal holds where vLLM is not installed, too.
-    with pytest.raises(ConfigError, match=r"rollout.backend='vllm' with trainer.strategy=data_parallel .*"
-                                          r"not supported yet"):
-        plan_teachers(_cfg(tmp_path, **{"rollout.backend": "vllm", "trainer.strategy": "data_parallel"}))
+    engine = "external_backends:OneProcessSampler"
+    with pytest.raises(ConfigError, match=rf"rollout.backend='{engine}' with trainer.strategy=data_parallel .*"
+                                          r"not supported"):
+        plan_teachers(_cfg(tmp_path, **{"rollout.backend": engine, "trainer.strategy": "data_parallel"}))
     # `uniopd train --nproc 2` refuses it once, before torchrun starts any process.
     from uniopd.cli import main
 
     args = [f"{k}={v}" for k, v in {"model.path": tmp_path / "m", "teachers.t.path": tmp_path / "t",
-                                     "data.train": tmp_path / "d.jsonl", "rollout.backend": "vllm"}.items()]
+                                     "data.train": tmp_path / "d.jsonl", "rollout.backend": engine}.items()]
     assert main(["train", "--nproc", "2", *args]) == 2
-    assert "rollout.backend='vllm' with trainer.strategy=data_parallel" in capsys.readouterr().err
+    assert f"rollout.backend='{engine}' with trainer.strategy=data_parallel" in capsys.readouterr().err

@@ -8,7 +8,7 @@ Per layer, for the new token x [B, H] (left-padded rows masked out of attention)
 
 the same computation as the model's own forward, on its own weights and rotary module,
 so the tokens and log-probs agree with it to float rounding (tests/rollout/test_lean.py).
-What differs is the cost (issue 7's decode profile at B = 8 on CPU): on CPU in fp32 every
+What differs is the cost (the decode profile at B = 8 on CPU): on CPU in fp32 every
 weight (body and output head) is packed once per `generate_batch` call for oneDNN
 (`uniopd.cpu.packed`: MKL's GEMM with 8 rows read weights at 4 to 7 GB/s of the 20 to
 24 a plain read gets), 1.5 to 1.8x faster per step than the model's forward measured side
@@ -19,7 +19,7 @@ folded in ((x^ * g) W^T = x^ (W g)^T); oneDNN adds the residual stream as it wri
 and W_down's outputs. Elsewhere (GPU, bf16) each projection is (W @ h^T)^T on the model's
 own weight. The step's small ops cost far more than they would alone: every weight read
 evicts the caches, so the op after a GEMM starts cold (ops of 3 to 16 us took 55 to 236 us
-right after streaming 120 MB; benchmarks/README.md, session 6). So the step keeps them few:
+right after streaming 120 MB; benchmarks/README.md). So the step keeps them few:
 RoPE is one pass over q and k together, with cos/sin looked up from a table built once per
 batch and the attention scale folded into q's rows of it; attention is two 3-D batched
 matmuls over grouped query heads (a fused kernel was slower for one query); the key/value

@@ -5,7 +5,7 @@
 PyTorch's CPU `F.linear` hands fp32 GEMMs to MKL, which repacks W on every call; with a
 few rows (a decode step: B = 8) it read weights at 4 to 7 GB/s where a plain read of the
 same bytes runs at 20 to 24, and at 512 rows × 49k vocabulary (a teacher's output head) it
-reached 86 GFLOP/s where oneDNN on the packed weight reached 148 (issue 7's CPU profile).
+reached 86 GFLOP/s where oneDNN on the packed weight reached 148 (a CPU profile of the step).
 So weights that do not change while they are used are reordered once and multiplied by
 oneDNN:
 

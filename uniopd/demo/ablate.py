@@ -98,20 +98,23 @@ class Setting:
         return tuple(d for d, _ in self.teachers)
 
 
+# The neighbour runs stop early: every method has taken the student to ~0 % by step 20.
 SETTINGS: dict[str, Setting] = {
-    "single": Setting((("addition", TEACHER),), STUDENT, steps=100, num_heldout=300),
-    "multi": Setting(tuple(EXPERTS.items()), MIXED_STUDENT, steps=150, num_heldout=200),
+    "single": Setting((("addition", TEACHER),), STUDENT, steps=300, num_heldout=300),
+    "multi": Setting(tuple(EXPERTS.items()), MIXED_STUDENT, steps=300, num_heldout=200),
     "neighbour": Setting((("addition", EXPERTS["subtraction"]),), STUDENT, steps=100, num_heldout=300),
-    "noisy": Setting((("addition", NOISY_TEACHER),), STUDENT, steps=100, num_heldout=300),
+    "noisy": Setting((("addition", NOISY_TEACHER),), STUDENT, steps=300, num_heldout=300),
 }
 DEFAULT_SETTINGS = ("single", "multi", "neighbour")
 
-# The budget every method gets: half the demo's prompts per step and half its steps, so that
-# the 54 training runs of the default grid stay near an hour on 2 cores.
+# The budget every method gets: half the demo's prompts per step, so that the 54 training runs
+# of the default grid stay within an hour on 2 cores. At 16 prompts the demo's lr (3e-4) first
+# drops the single student's accuracy for ~70 steps and never lifts the mixed student (teacher
+# KL flat over 300 steps, both domains below the start); 1e-4 lifts both from the first evaluation.
 # calibration.mode and delta also set how every run measures order consistency and margins
 # (the statistics are logged with calibration off too), so all methods are read alike.
-BUDGET = ("rollout.prompts_per_step=16", "rollout.n=8", "trainer.warmup_steps=5", "calibration.mode=mean",
-          "calibration.delta=0.4")
+BUDGET = ("rollout.prompts_per_step=16", "rollout.n=8", "trainer.lr=1e-4", "trainer.warmup_steps=5",
+          "calibration.mode=mean", "calibration.delta=0.4")
 EVAL_EVERY = 10
 SAVE_EVERY = 25  # an interrupted run resumes from here
 NUM_TRAIN = 2000

@@ -93,6 +93,20 @@ class RolloutEngine(ABC):
         """Release what the engine holds (processes, memory)."""
 
 
+def positions_limit(max_prompt_tokens: int, max_len: int, max_new_tokens: int, where: str,
+                    engine: str = "the engine") -> PromptLimit:
+    """min(model.max_prompt_tokens, max_len - rollout.max_new_tokens): a prompt and its longest
+    response must fit the positions the engine has (`where` names them in every message)."""
+    room = max_len - max_new_tokens
+    if room < 1:
+        raise ConfigError(f"{where} leaves no room for a prompt after rollout.max_new_tokens={max_new_tokens}; "
+                          f"lower rollout.max_new_tokens")
+    if room >= max_prompt_tokens:
+        return PromptLimit(max_prompt_tokens, f"model.max_prompt_tokens={max_prompt_tokens}")
+    return PromptLimit(room, f"the {room} tokens {engine} has for a prompt ({where} - "
+                             f"rollout.max_new_tokens={max_new_tokens}; model.max_prompt_tokens={max_prompt_tokens})")
+
+
 class EngineFailed(RuntimeError):
     """The rollout engine failed mid-run (crashed, died, lost its device): the run cannot go on with it."""
 

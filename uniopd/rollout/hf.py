@@ -30,10 +30,11 @@ from uniopd.batch import Sample
 from uniopd.config import RolloutConfig
 from uniopd.cpu.lean import LeanDecoder, unsupported_reason
 from uniopd.cpu.packed import thin_linear
+from uniopd.data.prompts import PromptLimit
 from uniopd.models.compat import cache_kwargs
 from uniopd.models.forward import base_model, output_head, vocab_limit
 from uniopd.models.loading import LoadedModel
-from uniopd.rollout.base import EngineSupport, RolloutEngine
+from uniopd.rollout.base import EngineSupport, RolloutEngine, positions_limit
 
 log = logging.getLogger(__name__)
 
@@ -244,6 +245,16 @@ def lean_decode_reason(model: PreTrainedModel, decode: str) -> str | None:
     return unsupported_reason(model)
 
 
+def max_positions(model: torch.nn.Module) -> int | None:
+    """The positions the model was built for (its text model's, for a vision-language model)."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    value = getattr(text, "max_position_embeddings", None)
+    return int(value) if isinstance(value, int) and value > 0 else None
+
+
 class HFEngine(RolloutEngine):
     """The batched KV-cache loop above, on the trainer's own module (no weight copy to sync)."""
 
@@ -257,6 +268,17 @@ class HFEngine(RolloutEngine):
         self.lean = reason is None
         log.info("rollout: hf engine; decode steps on %s", "the lean CPU path" if self.lean
                  else f"the model's forward ({reason})")
+
+        # Checked here, before any prompt is prepared, as vLLM checks its max_model_len.
+        self.max_positions = max_positions(student.model)
+        if self.max_positions is not None:
+            self.prompt_limit(1)
+
+    def prompt_limit(self, max_prompt_tokens: int) -> PromptLimit:
+        if self.max_positions is None:
+            return super().prompt_limit(max_prompt_tokens)
+        return positions_limit(max_prompt_tokens, self.max_positions, self.cfg.max_new_tokens,
+                               f"the student's max_position_embeddings={self.max_positions}", "the hf engine")
 
     def sample(self, prompts: list[list[int]], n: int, *, multimodal: list | None = None, greedy: bool = False,
                generator: torch.Generator | None = None) -> list[list[Sample]]:

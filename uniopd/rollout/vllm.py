@@ -37,11 +37,17 @@ at start-up. Failure: an exception out of vLLM while sampling or syncing (its wo
 memory ran out) is raised as `EngineFailed` naming the engine, and the engine refuses every
 later call (its state is unknown); the trainer stops without saving.
 
+Data-parallel runs (`trainer.strategy=data_parallel`, torchrun): every process starts its own
+engine on its own device with vLLM's `external_launcher` executor, which takes the process
+group torchrun and the trainer already set up (RANK, LOCAL_RANK) instead of making its own.
+With tensor parallelism 1 vLLM lays the world out as independent engines ("external data
+parallel"), so each process samples its share of the prompts alone; every process pushes the
+gathered weights into its engine after each update (a sharded parameter is gathered
+collectively, so all processes sync at the same point of the step).
+
 Not supported yet, refused at start-up: vision-language students (vLLM runs Qwen2-VL, but
 uniopd passes it no image inputs yet: use hf), tensor parallelism > 1 (the weight sync
-reaches one in-process worker only), trainer.strategy=data_parallel (untested: every process
-would start its own in-process engine, whose parallel groups vLLM sets up from the same
-RANK / WORLD_SIZE variables torchrun gives the trainer's process group).
+reaches one in-process worker only).
 """
 
 from __future__ import annotations
@@ -60,7 +66,7 @@ from uniopd.config import ConfigError, RolloutConfig
 from uniopd.data.prompts import PromptLimit
 from uniopd.models.forward import vocab_limit
 from uniopd.models.loading import LoadedModel
-from uniopd.rollout.base import EngineFailed, EngineSupport, RolloutEngine
+from uniopd.rollout.base import EngineFailed, EngineSupport, RolloutEngine, positions_limit
 
 log = logging.getLogger(__name__)
 
@@ -90,15 +96,11 @@ def vllm_prompt_limit(max_prompt_tokens: int, max_model_len: int, max_new_tokens
 
     configured_len: rollout.vllm_max_model_len when set (named in messages instead of the model's length).
     """
-    where = _model_len_key(max_model_len, configured_len)
-    room = max_model_len - max_new_tokens
-    if room < 1:
-        raise ConfigError(f"{where} leaves no room for a prompt after rollout.max_new_tokens={max_new_tokens}; "
-                          f"lower rollout.max_new_tokens or raise rollout.vllm_max_model_len")
-    if room >= max_prompt_tokens:
-        return PromptLimit(max_prompt_tokens, f"model.max_prompt_tokens={max_prompt_tokens}")
-    return PromptLimit(room, f"the {room} tokens the vLLM engine has for a prompt ({where} - "
-                             f"rollout.max_new_tokens={max_new_tokens}; model.max_prompt_tokens={max_prompt_tokens})")
+    try:
+        return positions_limit(max_prompt_tokens, max_model_len, max_new_tokens,
+                               _model_len_key(max_model_len, configured_len), "the vLLM engine")
+    except ConfigError as exc:
+        raise ConfigError(f"{exc} or raise rollout.vllm_max_model_len") from None
 
 
 def prepare_vllm_env() -> None:
@@ -109,15 +111,45 @@ def prepare_vllm_env() -> None:
 
 
 def export_hf_dir(model: torch.nn.Module, prefix: str) -> Path:
-    """A temporary Hugging Face directory vLLM can load, written from an in-memory model."""
+    """A temporary Hugging Face directory vLLM can load, written from an in-memory model.
+
+    In a process group every process writes its own (each starts its own engine), but
+    transformers' `save_pretrained` writes only on process 0 there: the config and the gathered
+    weights are written directly instead (a collective: every process calls this together).
+    """
     out = Path(tempfile.mkdtemp(prefix=prefix))
-    model.save_pretrained(out, safe_serialization=True)
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        model.save_pretrained(out, safe_serialization=True)
+        return out
+    from safetensors.torch import save_file
+
+    if not getattr(model.config, "architectures", None):  # FSDP2 renames the class: FSDPLlamaForCausalLM
+        model.config.architectures = [type(model).__name__.removeprefix("FSDP")]
+    model.config.save_pretrained(out)
+    # named_parameters lists a tied output head once, under the embedding; the config says it is tied.
+    weights = {name: t.contiguous() for name, t in named_weights(model)}
+    save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
     return out
+
+
+def distributed_kwargs(key: str) -> dict:
+    """Under torchrun (a process group of more than one process) the engine joins that group as
+    one of independent engines, on this process's device; otherwise nothing to add."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()
+            and torch.distributed.get_world_size() > 1):
+        return {}
+    missing = [v for v in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
+    if missing:
+        raise ConfigError(f"{key}=vllm in a process group of {torch.distributed.get_world_size()} processes needs "
+                          f"the launcher's {', '.join(missing)} environment variables: launch with torchrun or "
+                          f"uniopd train --nproc N")
+    return {"distributed_executor_backend": "external_launcher"}
 
 
 def start_llm(model_dir: str, key: str, source: str, **kwargs):
     """`vllm.LLM(model_dir, ...)`, its failure re-raised naming the config key, the model and the reason."""
     prepare_vllm_env()
+    kwargs = {**distributed_kwargs(key), **kwargs}
     from vllm import LLM
 
     try:
@@ -160,8 +192,7 @@ class VLLMEngine(RolloutEngine):
 
     support = EngineSupport(images=False, weight_sync="push", trainer_logprobs=False,
                             options=frozenset({"vllm_gpu_memory_utilization", "vllm_tensor_parallel_size",
-                                               "vllm_max_model_len", "vllm_enable_sleep_mode"}),
-                            data_parallel=False)
+                                               "vllm_max_model_len", "vllm_enable_sleep_mode"}))
 
     @classmethod
     def check_config(cls, cfg: RolloutConfig, key: str = "rollout") -> None:

@@ -285,6 +285,32 @@ def build_strategy(cfg: TrainerConfig) -> TrainingStrategy:
     return SingleProcess()
 
 
+def merge_teacher_metrics(parts: list[dict[str, float]]) -> dict[str, float]:
+    """One step's `teacher/<name>/...` service metrics over every process (`parts`, one dict per
+    process; a process without rows for a teacher has none of its keys).
+
+    Wall times (`*_s`) are the slowest process's, since the step waits for it; `request_latency_s`
+    is the mean over processes that sent requests; `tokens_per_s` is every process's scored
+    tokens over the slowest process's scoring time; everything else is a count, summed.
+    """
+    keys = sorted({k for part in parts for k in part})
+    out: dict[str, float] = {}
+    for key in keys:
+        values = [part[key] for part in parts if key in part]
+        if key.endswith("/tokens_per_s"):
+            latency = key.removesuffix("tokens_per_s") + "latency_s"
+            tokens = sum(part[key] * part.get(latency, 0.0) for part in parts if key in part)
+            slowest = max((part.get(latency, 0.0) for part in parts if key in part), default=0.0)
+            out[key] = tokens / slowest if slowest > 0 else max(values)
+        elif key.endswith("/request_latency_s"):
+            out[key] = sum(values) / len(values)
+        elif key.endswith("_s"):
+            out[key] = max(values)
+        else:
+            out[key] = sum(values)
+    return out
+
+
 def gather_step_batch(strategy: TrainingStrategy, batch, num_prompts: int):
     """The whole step's batch on every process (rows in rank order; group ids made global),
     and the slice of it that is this process's rows. Hidden states and top-k stay local."""

@@ -19,6 +19,8 @@ mismatch is logged each step as `rollout/logprob_diff_mean` and `rollout/logprob
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from uniopd.batch import StepBatch
@@ -26,6 +28,9 @@ from uniopd.config import RolloutConfig
 from uniopd.models.forward import response_logprobs
 from uniopd.models.loading import LoadedModel
 from uniopd.train.micro import micro_inputs
+
+if TYPE_CHECKING:
+    from uniopd.train.strategy import TrainingStrategy
 
 
 @torch.no_grad()
@@ -55,18 +60,26 @@ def trainer_logprobs(student: LoadedModel, batch: StepBatch, prompt_ids: list[li
     return out_BT
 
 
-def replace_engine_logprobs(batch: StepBatch, trainer_logp_BT: torch.Tensor, cfg: RolloutConfig) -> dict[str, float]:
-    """Swap the engine's old log-probs for the trainer's (and set the TIS weights); the mismatch metrics."""
+def replace_engine_logprobs(batch: StepBatch, trainer_logp_BT: torch.Tensor, cfg: RolloutConfig,
+                            strategy: TrainingStrategy | None = None) -> dict[str, float]:
+    """Swap the engine's old log-probs for the trainer's (and set the TIS weights); the mismatch
+    metrics, over every process's rows when `strategy` spans several (each has its own engine)."""
     engine_logp_BT = batch.old_logp_BT
     mask_BT = batch.mask_BT
     diff_BT = (trainer_logp_BT - engine_logp_BT).abs() * mask_BT
-    n = int(mask_BT.sum())
-    metrics = {"rollout/logprob_diff_mean": float(diff_BT.sum()) / max(n, 1),
-               "rollout/logprob_diff_max": float(diff_BT.max()) if n else 0.0}
+    sums = {"n": float(mask_BT.sum()), "diff": float(diff_BT.sum())}
+    diff_max = float(diff_BT.max()) if sums["n"] else 0.0
     if cfg.old_logprobs == "engine":
         weight_BT = torch.exp((trainer_logp_BT - engine_logp_BT).clamp(max=20.0)).clamp(max=cfg.tis_cap)
         batch.is_weight_BT = weight_BT * mask_BT
-        metrics["rollout/tis_weight_mean"] = float(batch.is_weight_BT.sum()) / max(n, 1)
-        metrics["rollout/tis_capped_frac"] = float(((weight_BT >= cfg.tis_cap) & mask_BT).sum()) / max(n, 1)
+        sums["tis"] = float(batch.is_weight_BT.sum())
+        sums["capped"] = float(((weight_BT >= cfg.tis_cap) & mask_BT).sum())
+    if strategy is not None:
+        sums, diff_max = strategy.reduce_sums(sums), strategy.reduce_max(diff_max)
+    n = max(sums["n"], 1.0)
+    metrics = {"rollout/logprob_diff_mean": sums["diff"] / n, "rollout/logprob_diff_max": diff_max}
+    if "tis" in sums:
+        metrics["rollout/tis_weight_mean"] = sums["tis"] / n
+        metrics["rollout/tis_capped_frac"] = sums["capped"] / n
     batch.old_logp_BT = trainer_logp_BT
     return metrics

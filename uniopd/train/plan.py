@@ -42,8 +42,8 @@ def plan_teachers(cfg: RunConfig) -> TeacherPlan:
     engine = engine_class(cfg.rollout.backend)
     if cfg.trainer.strategy == "data_parallel" and not engine.support.data_parallel:
         raise ConfigError(f"rollout.backend={cfg.rollout.backend!r} with trainer.strategy=data_parallel (or "
-                          f"uniopd train --nproc > 1) is not supported yet (untested); use rollout.backend=hf "
-                          f"for data-parallel runs or trainer.strategy=single")
+                          f"uniopd train --nproc > 1) is not supported: the engine runs in one process only; use "
+                          f"rollout.backend=hf or vllm for data-parallel runs, or trainer.strategy=single")
     checked_engine_class(cfg.rollout)  # an unknown or misconfigured engine fails here too, before any model loads
     kind = loss_kind(cfg.loss.kind)
     alternatives = kind.teacher_outputs(cfg.loss)

@@ -34,7 +34,7 @@ from uniopd.teachers.views import check_views
 from uniopd.train.checkpoint import prepare_run_dir
 from uniopd.train.logger import MetricsLogger, NullLogger
 from uniopd.train.plan import plan_teachers
-from uniopd.train.distributed import build_strategy, gather_step_batch, take_rows
+from uniopd.train.distributed import build_strategy, gather_step_batch, merge_teacher_metrics, take_rows
 from uniopd.train.token_advantages import token_advantages
 from uniopd.train.update import policy_update
 
@@ -164,7 +164,7 @@ class Trainer:
         Rows a teacher could not score (a served teacher down or answering garbage) get
         `batch.teacher_ok_B` False and their teacher log-probs set to the student's, so nothing
         downstream reads a signal there; past `max_failed_share` of a teacher's rows the run stops.
-        Returns per-teacher metrics: failed rows, wall time, scored tokens per second.
+        Returns per-teacher metrics (over every process): failed rows, wall time, scored tokens per second.
         """
         batch.teacher_names = [self.router.teacher_for(r) for r in batch.records]
         teacher_logp_BT = torch.zeros_like(batch.old_logp_BT)
@@ -207,6 +207,8 @@ class Trainer:
                     f"stopping without saving (the last checkpoint is intact)")
         batch.teacher_logp_BT = teacher_logp_BT
         batch.teacher_ok_B = None if bool(ok_B.all()) else ok_B
+        if self.strategy.world_size > 1:  # every process scored its own rows
+            metrics = merge_teacher_metrics(self.strategy.all_gather_objects(metrics))
         return metrics
 
     def update(self, batch: StepBatch) -> dict[str, float]:
@@ -240,7 +242,7 @@ class Trainer:
                                    micro_batch_size=self.cfg.trainer.micro_batch_size,
                                    chunk_size=self.cfg.loss.chunk_size, share_prefix=self.cfg.model.share_prompt_prefix,
                                    multimodal=self.vision_inputs(batch.records), suppress_ids=self.suppress_ids or None)
-        return replace_engine_logprobs(batch, logp_BT, self.cfg.rollout)
+        return replace_engine_logprobs(batch, logp_BT, self.cfg.rollout, self.strategy)
 
     def prompt_ids_for(self, record: PromptRecord) -> list[int]:
         return self._ids_by_record[record.id]
