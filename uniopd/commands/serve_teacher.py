@@ -56,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("serve-teacher needs FastAPI and uvicorn: pip install 'uniopd[serve]'") from None
     import torch
 
+    from uniopd.models.forward import max_positions
     from uniopd.models.loading import load_model
     from uniopd.serve.app import build_app
     from uniopd.serve.scoring import BatchScorer
@@ -67,9 +68,7 @@ def run(args: argparse.Namespace) -> int:
     if loaded.is_multimodal:
         raise ConfigError(f"--model {args.model}: vision-language teachers are not served yet (token-id "
                           f"requests carry no images); use backend=local for it")
-    text_cfg = loaded.model.config.get_text_config() if hasattr(loaded.model.config, "get_text_config") \
-        else loaded.model.config
-    max_len = int(getattr(text_cfg, "max_position_embeddings", 4096) or 4096)
+    max_len = max_positions(loaded.model) or 4096
     scorer = BatchScorer(loaded, max_batch_tokens=args.max_batch_tokens, max_queue=args.max_queue,
                          threads=args.threads)
     app = build_app(scorer, model_name=args.served_model_name or args.model, api_key=api_key,

@@ -116,6 +116,16 @@ def output_head(model: PreTrainedModel) -> torch.Tensor:
     return head.weight if limit is None else head.weight[:limit]
 
 
+def max_positions(model: torch.nn.Module) -> int | None:
+    """The positions the model was built for (its text model's, for a vision-language model)."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    value = getattr(text, "max_position_embeddings", None)
+    return int(value) if isinstance(value, int) and value > 0 else None
+
+
 def base_model(model: PreTrainedModel) -> torch.nn.Module:
     return getattr(model, model.base_model_prefix)
 

@@ -32,7 +32,7 @@ from uniopd.cpu.lean import LeanDecoder, unsupported_reason
 from uniopd.cpu.packed import thin_linear
 from uniopd.data.prompts import PromptLimit
 from uniopd.models.compat import cache_kwargs
-from uniopd.models.forward import base_model, output_head, vocab_limit
+from uniopd.models.forward import base_model, max_positions, output_head, vocab_limit
 from uniopd.models.loading import LoadedModel
 from uniopd.rollout.base import EngineSupport, RolloutEngine, positions_limit
 
@@ -243,16 +243,6 @@ def lean_decode_reason(model: PreTrainedModel, decode: str) -> str | None:
     if any(type(p.data).__name__ == "DTensor" for p in model.parameters()):
         return "the weights are sharded"
     return unsupported_reason(model)
-
-
-def max_positions(model: torch.nn.Module) -> int | None:
-    """The positions the model was built for (its text model's, for a vision-language model)."""
-    config = getattr(model, "config", None)
-    if config is None:
-        return None
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    value = getattr(text, "max_position_embeddings", None)
-    return int(value) if isinstance(value, int) and value > 0 else None
 
 
 class HFEngine(RolloutEngine):
