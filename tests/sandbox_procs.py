@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 
 
@@ -52,3 +53,18 @@ def kill_run(run_id: str) -> None:
             os.kill(pid, 9)
         except OSError:
             pass
+
+
+def start_live_run(sleep_s: float) -> tuple[str, threading.Thread, dict]:
+    """A sandboxed program that sleeps `sleep_s` seconds, run from a thread: (its run id, the
+    thread, a dict that gets its result under "res" when it ends)."""
+    from uniopd.rewards.sandbox import SandboxLimits, _python_for_sandbox, run
+
+    run_id = os.urandom(6).hex()
+    box: dict = {}
+    argv = [_python_for_sandbox(), "-I", "-S", "-c", f"import time\ntime.sleep({sleep_s})\n",
+            f"uniopd-sandbox-{run_id}"]
+    worker = threading.Thread(target=lambda: box.setdefault("res", run(argv, limits=SandboxLimits(timeout_s=20),
+                                                                        run_id=run_id)))
+    worker.start()
+    return run_id, worker, box

@@ -18,7 +18,7 @@ import textwrap
 import time
 
 import pytest
-from sandbox_procs import kill_run, launchers_of_run, processes_of_run, wait_until
+from sandbox_procs import kill_run, launchers_of_run, processes_of_run, start_live_run, wait_until
 
 from uniopd.data.records import PromptRecord
 from uniopd.rewards import CodeVerifier
@@ -545,15 +545,7 @@ def test_program_cannot_forge_a_sandbox_start_failure():
 def test_launcher_is_outside_the_programs_memory_cgroup():
     if not ISO["cgroup_memory"]:
         pytest.skip("no writable memory cgroup here")
-    import threading
-
-    from uniopd.rewards.sandbox import _python_for_sandbox, run
-
-    run_id = os.urandom(6).hex()
-    box = {}
-    argv = [_python_for_sandbox(), "-I", "-S", "-c", "import time\ntime.sleep(1.5)\n", f"uniopd-sandbox-{run_id}"]
-    worker = threading.Thread(target=lambda: box.setdefault("res", run(argv, limits=SandboxLimits(timeout_s=20), run_id=run_id)))
-    worker.start()
+    run_id, worker, box = start_live_run(1.5)
     try:
         assert wait_until(lambda: processes_of_run(run_id), 20)
         from uniopd.rewards.sandbox import _own_cgroup

@@ -10,9 +10,7 @@ import tempfile
 import time
 
 import pytest
-from sandbox_procs import kill_run, launchers_of_run, processes_of_run, wait_until
-
-from uniopd.rewards.sandbox import SandboxLimits
+from sandbox_procs import kill_run, launchers_of_run, processes_of_run, start_live_run, wait_until
 
 # A check must not outlive its wall-clock limit when the process that started it is killed
 # (OOM killer, SIGKILL of the trainer) or stops enforcing the limit (frozen, stopped).
@@ -111,15 +109,9 @@ def test_leftovers_of_a_killed_run_are_cleaned_at_start_up():
 
 
 def test_start_up_cleaning_spares_live_runs():
-    import threading
+    from uniopd.rewards.sandbox import _clean_stale_runs
 
-    from uniopd.rewards.sandbox import _clean_stale_runs, _python_for_sandbox, run
-
-    run_id = os.urandom(6).hex()
-    box = {}
-    argv = [_python_for_sandbox(), "-I", "-S", "-c", "import time\ntime.sleep(2)\n", f"uniopd-sandbox-{run_id}"]
-    worker = threading.Thread(target=lambda: box.setdefault("res", run(argv, limits=SandboxLimits(timeout_s=20), run_id=run_id)))
-    worker.start()
+    run_id, worker, box = start_live_run(2)
     try:
         assert wait_until(lambda: processes_of_run(run_id), 20)
         _clean_stale_runs()
