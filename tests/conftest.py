@@ -68,3 +68,22 @@ def color_images(tmp_path_factory) -> dict[str, Path]:
         out[name] = root / f"{name}.png"
         img.save(out[name])
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_idefics3_dir(tmp_path_factory) -> Path:
+    """A tiny Idefics3 (SmolVLM's architecture): the vision-language student vLLM runs on CPU."""
+    from uniopd.demo.vlm import make_tiny_idefics3
+
+    return make_tiny_idefics3(tmp_path_factory.mktemp("idefics3_student"), seed=1)
+
+
+@pytest.fixture
+def vqa_file(tmp_path, color_images) -> Path:
+    """Four easy-vqa-style records: a coloured square, its colour as the answer and as image_text."""
+    rows = []
+    for i, color in enumerate(["red", "blue", "green", "red"]):
+        rows.append({"id": f"v{i}", "domain": "vqa", "prompt": "What color is the square?",
+                     "images": [str(color_images[color])], "answer": color, "verifier": "exact",
+                     "image_text": f"a {color} square on a white background"})
+    return write_jsonl(tmp_path / "vqa.jsonl", rows)

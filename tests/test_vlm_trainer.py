@@ -12,16 +12,6 @@ from uniopd.models.multimodal import ImageInputError
 from uniopd.train.trainer import Trainer
 
 
-@pytest.fixture
-def vqa_file(tmp_path, color_images):
-    rows = []
-    for i, color in enumerate(["red", "blue", "green", "red"]):
-        rows.append({"id": f"v{i}", "domain": "vqa", "prompt": "What color is the square?",
-                     "images": [str(color_images[color])], "answer": color, "verifier": "exact",
-                     "image_text": f"a {color} square on a white background"})
-    return write_jsonl(tmp_path / "vqa.jsonl", rows)
-
-
 def _train(cfg):
     trainer = Trainer(cfg)
     result = trainer.train()

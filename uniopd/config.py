@@ -150,8 +150,9 @@ class RolloutConfig:
     # Engine-specific keys (vllm_*): an engine that does not read one refuses it when it is set.
     vllm_gpu_memory_utilization: float | None = _f(None, "vllm: share of GPU memory (on CPU: of RAM) the engine "
                                                          "reserves for weights and KV cache (default 0.4)")
-    vllm_tensor_parallel_size: int | None = _f(None, "vllm: GPUs the engine shards the student over (default 1; "
-                                                     "only 1 so far: the weight sync is in-process)")
+    vllm_tensor_parallel_size: int | None = _f(None, "vllm: processes (GPUs) one engine shards the student over "
+                                                     "(default 1); > 1 needs trainer.strategy=data_parallel: each "
+                                                     "engine takes that many consecutive trainer processes")
     vllm_max_model_len: int | None = _f(None, "vllm: longest prompt + response the engine holds (default: the "
                                               "model's max_position_embeddings)")
     vllm_enable_sleep_mode: bool | None = _f(None, "vllm, GPU only: release the engine's KV cache and weights "

@@ -37,7 +37,6 @@ def test_vllm_is_registered_and_imported_only_when_chosen():
 
 
 @pytest.mark.parametrize("overrides,message", [
-    (["rollout.vllm_tensor_parallel_size=2"], "rollout.vllm_tensor_parallel_size=2: only 1 is supported"),
     (["rollout.old_logprobs=engine", "rollout.top_p=0.9"],
      "rollout.old_logprobs=engine with rollout.top_p=0.9: vLLM reports the log-probs of the top-p nucleus"),
 ])
@@ -45,6 +44,18 @@ def test_vllm_engine_start_up_checks_name_the_key(overrides, message):
     cfg = load_config(None, ["rollout.backend=vllm"] + overrides)
     with pytest.raises(ConfigError, match=message):
         checked_engine_class(cfg.rollout)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ([], "rollout.vllm_tensor_parallel_size=2 shards the engine over the trainer's processes: use "
+         "trainer.strategy=data_parallel with a multiple of 2 processes"),
+    (["trainer.strategy=data_parallel", "teachers.t.path=x", "teachers.t.backend=vllm", "teachers.t.domains=[d]"],
+     "rollout.vllm_tensor_parallel_size=2 with teachers.t.backend=vllm: a process holds one vLLM parallel layout"),
+])
+def test_a_sharded_engine_needs_data_parallel_processes_and_no_in_process_vllm_teacher(overrides, message):
+    cfg = load_config(None, ["rollout.backend=vllm", "rollout.vllm_tensor_parallel_size=2"] + overrides)
+    with pytest.raises(ConfigError, match=message):
+        plan_teachers(cfg)
 
 
 def test_sleep_mode_is_refused_without_a_gpu():

@@ -1,4 +1,5 @@
-"""Rollout of a vision-language student: images in the prefill, M-RoPE positions, placeholders never sampled."""
+"""Rollout of a vision-language student (Qwen2-VL, Idefics3): images in the prefill, M-RoPE
+positions, placeholders never sampled."""
 
 import pytest
 import torch
@@ -11,9 +12,9 @@ from uniopd.models.multimodal import StudentVision, layout_inputs
 from uniopd.rollout.hf import generate
 
 
-@pytest.fixture(scope="module")
-def vlm(tiny_vlm_dir):
-    loaded = load_model(ModelConfig(path=str(tiny_vlm_dir)), trainable=False)
+@pytest.fixture(scope="module", params=["tiny_vlm_dir", "tiny_idefics3_dir"])
+def vlm(request):
+    loaded = load_model(ModelConfig(path=str(request.getfixturevalue(request.param))), trainable=False)
     return loaded, StudentVision.of(loaded, ModelConfig())
 
 

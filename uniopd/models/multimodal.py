@@ -65,10 +65,14 @@ class MultimodalInputs:
         or [images, C, H, W], image_grid_thw [images, 3], ...).
     token_types: token-aligned, each [P] for a prompt of P tokens (mm_token_type_ids: 0 text,
         1 image, 2 video).
+    text, images: what the processor was given (the rendered prompt, one image placeholder per
+        image, and the PIL images), for engines that run the checkpoint's processor themselves (vLLM).
     """
 
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     token_types: dict[str, torch.Tensor] = field(default_factory=dict)
+    text: str | None = None
+    images: list = field(default_factory=list)
 
     @property
     def num_images(self) -> int:
@@ -212,7 +216,7 @@ def encode_prompt(processor, prompt: Prompt, images: list[str], *, chat_template
                          if isinstance(m["content"], list) else m["content"] for m in messages)
     out = processor(text=[text], images=pil or None, return_tensors="pt")
     ids = out["input_ids"][0].tolist()
-    mm = MultimodalInputs()
+    mm = MultimodalInputs(text=text, images=pil)
     for key, value in out.items():
         if key in _SKIPPED_KEYS or not isinstance(value, torch.Tensor):
             continue

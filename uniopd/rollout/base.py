@@ -56,6 +56,9 @@ class RolloutEngine(ABC):
     """
 
     support: ClassVar[EngineSupport] = EngineSupport()
+    # True: one engine spans several processes, so every process of it calls `sample` together
+    # and equally often (an empty prompt list included); the caller must not skip a call.
+    collective: bool = False
 
     def __init__(self, cfg: RolloutConfig, student: LoadedModel, *, suppress_ids: list[int] | None = None):
         self.cfg = cfg

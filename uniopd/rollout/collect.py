@@ -111,7 +111,7 @@ def collect_step(engine: RolloutEngine, records: list[PromptRecord], prompt_ids:
         resampled = 0
         for _ in range(balance.max_resample):
             redo = _uniform_groups(per_group_correct)
-            if not redo:
+            if not redo and not engine.collective:  # a collective engine's other processes may still draw
                 break
             resampled += len(redo)
             extra = sample_and_verify(engine, [records[g] for g in redo], [prompt_ids[g] for g in redo], n_draw,

@@ -2,9 +2,9 @@
 
 The engine is created once, in this process, from a Hugging Face directory written from the
 trainer's own student (`save_pretrained` to a temporary directory: a GGUF checkpoint is
-dequantised on load, a model given in code has no directory), with prefix caching on. It is
-given token ids and returns token ids (`skip_tokenizer_init`), so prompts are rendered by
-uniopd exactly as for the hf engine.
+dequantised on load, a model given in code has no directory), with prefix caching on. A text
+student's engine is given token ids and returns token ids (`skip_tokenizer_init`), so prompts
+are rendered by uniopd exactly as for the hf engine.
 
 Sampling matches the hf engine: n per prompt, temperature, top-p, max / min new tokens,
 stop on EOS (kept in the response, `finished`); a padded head's extra rows are never drawn
@@ -45,9 +45,22 @@ parallel"), so each process samples its share of the prompts alone; every proces
 gathered weights into its engine after each update (a sharded parameter is gathered
 collectively, so all processes sync at the same point of the step).
 
-Not supported yet, refused at start-up: vision-language students (vLLM runs Qwen2-VL, but
-uniopd passes it no image inputs yet: use hf), tensor parallelism > 1 (the weight sync
-reaches one in-process worker only).
+Tensor parallelism (`rollout.vllm_tensor_parallel_size: K`, data-parallel runs only): each
+group of K consecutive processes holds one engine, one shard in each process, so the weight
+sync stays in-process: every process pushes the full weights and its worker keeps its shard.
+vLLM needs the same requests on every shard, so `sample` gathers the group's prompts and seeds
+(a gloo group of its own), samples them together, and hands each process back its own share;
+when every process of the group asks the same (evaluation) they are sampled once. Its calls
+are collective (`collective`): every process of a group calls `sample` as often as the others.
+
+Vision-language students: the engine directory also holds the student's processor, and an
+image prompt goes to vLLM as its rendered text and PIL images (`MultimodalInputs.text/images`),
+so vLLM's own processor expands each placeholder, the only way vLLM takes images; the expanded
+ids it reports must equal the trainer's, or sampling stops naming both lengths. Image
+placeholders are never sampled (left out of `allowed_token_ids`), and cached image embeddings
+are dropped at every weight sync. Any architecture vLLM runs works; without torchvision (every
+CPU machine: it has no CPU build) vLLM's Qwen-VL, LLaVA and Gemma-3 modules do not import;
+Idefics3 / SmolVLM does (tested), and the rest fail at start-up with that reason.
 """
 
 from __future__ import annotations
@@ -146,6 +159,22 @@ def distributed_kwargs(key: str) -> dict:
     return {"distributed_executor_backend": "external_launcher"}
 
 
+def tensor_parallel_group(size: int, key: str):
+    """The gloo group of this process's engine shards: `size` consecutive processes, as vLLM lays
+    out tensor parallelism under `external_launcher` (a collective: every process calls it)."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ConfigError(f"{key}={size} shards the engine over the trainer's processes, and this run has one: "
+                          f"use trainer.strategy=data_parallel with a multiple of {size} processes "
+                          f"(uniopd train --nproc N)")
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if world % size:
+        raise ConfigError(f"{key}={size} does not divide the run's {world} processes: each engine takes {size} "
+                          f"consecutive processes")
+    groups = [dist.new_group(list(range(first, first + size)), backend="gloo") for first in range(0, world, size)]
+    return groups[rank // size]
+
+
 def start_llm(model_dir: str, key: str, source: str, **kwargs):
     """`vllm.LLM(model_dir, ...)`, its failure re-raised naming the config key, the model and the reason."""
     prepare_vllm_env()
@@ -153,7 +182,7 @@ def start_llm(model_dir: str, key: str, source: str, **kwargs):
     from vllm import LLM
 
     try:
-        return LLM(model=model_dir, skip_tokenizer_init=True, **kwargs)
+        return LLM(model=model_dir, **{"skip_tokenizer_init": True, **kwargs})
     except Exception as exc:  # vLLM raises many types (memory, unsupported architecture, kernels)
         raise RuntimeError(f"{key}=vllm: vLLM could not start an engine for {source}: "
                            f"{type(exc).__name__}: {exc}") from exc
@@ -187,19 +216,25 @@ def _refresh_tied_heads(engine_model: torch.nn.Module) -> None:
             method.process_weights_after_loading(module)
 
 
+def _request(prompt: list[int], image: tuple[str, list] | None):
+    from vllm.inputs import TextPrompt, TokensPrompt
+
+    if image is None:
+        return TokensPrompt(prompt_token_ids=list(prompt))
+    text, pil = image
+    return TextPrompt(prompt=text, multi_modal_data={"image": pil})
+
+
 class VLLMEngine(RolloutEngine):
     """Samples with a vLLM engine holding its own copy of the student, refreshed by `update_weights`."""
 
-    support = EngineSupport(images=False, weight_sync="push", trainer_logprobs=False,
+    support = EngineSupport(images=True, weight_sync="push", trainer_logprobs=False,
                             options=frozenset({"vllm_gpu_memory_utilization", "vllm_tensor_parallel_size",
                                                "vllm_max_model_len", "vllm_enable_sleep_mode"}))
 
     @classmethod
     def check_config(cls, cfg: RolloutConfig, key: str = "rollout") -> None:
         super().check_config(cfg, key)
-        if (cfg.vllm_tensor_parallel_size or 1) > 1:
-            raise ConfigError(f"{key}.vllm_tensor_parallel_size={cfg.vllm_tensor_parallel_size}: only 1 is "
-                              f"supported (the weight sync pushes tensors into one in-process worker)")
         if cfg.vllm_enable_sleep_mode and not torch.cuda.is_available():
             raise ConfigError(f"{key}.vllm_enable_sleep_mode=true needs a GPU (vLLM's sleep mode releases "
                               f"GPU memory); this machine has none")
@@ -225,18 +260,25 @@ class VLLMEngine(RolloutEngine):
         if cfg.vllm_enable_sleep_mode and device.type != "cuda":
             raise ConfigError(f"rollout.vllm_enable_sleep_mode=true needs the student on a GPU; it is on "
                               f"{device.type}")
-        if self.suppress_ids:
-            raise ConfigError("rollout.backend=vllm: tokens to suppress (a vision-language student's image "
-                              "placeholders) are not supported; use rollout.backend=hf")
         tok = student.tokenizer
         self.eos_ids = {tok.eos_token_id}
         limit = vocab_limit(model)
-        # A head padded past the tokenizer: its extra rows are never sampled (as in the hf engine).
+        # A head padded past the tokenizer: its extra rows are never sampled (as in the hf engine);
+        # nor are a vision-language student's image placeholders.
         self.allowed = list(range(limit)) if limit is not None else None
+        if self.suppress_ids:
+            rows = limit if limit is not None else model.get_output_embeddings().weight.shape[0]
+            self.allowed = sorted(set(range(rows)) - set(self.suppress_ids))
+        self.images = student.is_multimodal
+        tp = cfg.vllm_tensor_parallel_size or 1
+        self._tp_group = tensor_parallel_group(tp, "rollout.vllm_tensor_parallel_size") if tp > 1 else None
+        self.collective = self._tp_group is not None
         self._dir = export_hf_dir(model, "uniopd-vllm-student-")
+        if self.images:  # vLLM expands each image placeholder with the checkpoint's own processor
+            student.processor.save_pretrained(self._dir)
         kwargs = dict(dtype=_DTYPE_NAMES[dtype], enable_prefix_caching=True,
                       gpu_memory_utilization=cfg.vllm_gpu_memory_utilization or DEFAULT_MEMORY_UTILIZATION,
-                      tensor_parallel_size=1, logprobs_mode="processed_logprobs",
+                      tensor_parallel_size=tp, logprobs_mode="processed_logprobs",
                       enable_sleep_mode=bool(cfg.vllm_enable_sleep_mode))
         if cfg.vllm_max_model_len:
             kwargs["max_model_len"] = cfg.vllm_max_model_len
@@ -245,9 +287,14 @@ class VLLMEngine(RolloutEngine):
             # a CPU generator cannot do: it fails once a step's prompts exceed the token budget.
             kwargs["enable_chunked_prefill"] = False
         try:
-            self.llm = start_llm(str(self._dir), "rollout.backend", student.source, **kwargs)
-        except BaseException:
+            self.llm = start_llm(str(self._dir), "rollout.backend", student.source,
+                                 skip_tokenizer_init=not self.images, **kwargs)
+        except BaseException as exc:
             shutil.rmtree(self._dir, ignore_errors=True)
+            if self.images and isinstance(exc, RuntimeError) and importlib.util.find_spec("torchvision") is None:
+                raise RuntimeError(f"{exc}\n(most of vLLM's vision-language models import torchvision, which is "
+                                   f"not installed here; without it vLLM runs Idefics3 / SmolVLM and a few others, "
+                                   f"not Qwen-VL; or use rollout.backend=hf)") from exc
             raise
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
         self._asleep: set[str] = set()
@@ -257,8 +304,8 @@ class VLLMEngine(RolloutEngine):
         except ConfigError:
             self.close()
             raise
-        log.info("rollout: vllm engine (%s, %s, max_model_len %d, weights pushed after each update)",
-                 device.type, _DTYPE_NAMES[dtype], self.max_model_len)
+        log.info("rollout: vllm engine (%s, %s, max_model_len %d, tensor parallel %d, weights pushed after each "
+                 "update)", device.type, _DTYPE_NAMES[dtype], self.max_model_len, tp)
 
     # ------------------------------------------------------------------ sampling
     def _params(self, n: int, greedy: bool, seed: int | None):
@@ -302,22 +349,28 @@ class VLLMEngine(RolloutEngine):
 
     def sample(self, prompts: list[list[int]], n: int, *, multimodal: list | None = None, greedy: bool = False,
                generator: torch.Generator | None = None) -> list[list[Sample]]:
-        from vllm.inputs import TokensPrompt
-
-        if multimodal is not None and any(m is not None for m in multimodal):
-            raise ValueError("rollout.backend=vllm does not take image inputs; use rollout.backend=hf")
-        if not prompts:
-            return []
-        self._check_alive()
-        self._check_lengths(prompts)
+        # An image prompt goes to vLLM as its rendered text and PIL images, so vLLM's processor
+        # expands the placeholders itself (vLLM always expands what it is given); the expanded ids
+        # it reports must be the trainer's.
+        images = [(m.text, m.images) if m is not None and m.images else None
+                  for m in (multimodal or [None] * len(prompts))]
+        if any(images) and not self.images:
+            raise ValueError("rollout.backend=vllm: image inputs for a text-only student")
         if generator is None:
             seeds = [None] * len(prompts)
         else:
             seeds = torch.randint(0, 2**31 - 1, (len(prompts),), generator=generator,
                                   device=generator.device).tolist()
+        mine = slice(0, len(prompts))
+        if self._tp_group is not None:
+            prompts, images, seeds, mine = self._group_requests(prompts, images, seeds, n, greedy)
+        if not prompts:
+            return []
+        self._check_alive()
+        self._check_lengths(prompts)
         try:
             self._wake(["weights", "kv_cache"])
-            outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts],
+            outputs = self.llm.generate([_request(p, image) for p, image in zip(prompts, images)],
                                         [self._params(n, greedy, s) for s in seeds], use_tqdm=False)
             if self.cfg.vllm_enable_sleep_mode:
                 # Level 1: weights kept in CPU memory, KV cache dropped, until the next sync / sample.
@@ -327,13 +380,33 @@ class VLLMEngine(RolloutEngine):
             raise self._failed("sampling", exc) from exc
         groups = []
         for prompt, out in zip(prompts, outputs):
+            if list(out.prompt_token_ids) != list(prompt):
+                raise ValueError(f"rollout.backend=vllm: vLLM's processor made a prompt of {len(out.prompt_token_ids)} "
+                                 f"tokens where the student's processor made {len(prompt)}; its responses would be "
+                                 f"trained after the wrong prompt")
             group = []
             for c in sorted(out.outputs, key=lambda c: c.index):
                 ids = list(c.token_ids)
                 logps = [step[t].logprob for t, step in zip(ids, c.logprobs)]
                 group.append(Sample(list(prompt), ids, logps, bool(ids) and ids[-1] in self.eos_ids))
             groups.append(group)
-        return groups
+        return groups[mine]
+
+    def _group_requests(self, prompts: list[list[int]], images: list, seeds: list, n: int,
+                        greedy: bool) -> tuple[list[list[int]], list, list, slice]:
+        """Every process of the tensor-parallel group's requests, in process order, and this
+        process's share of them; one copy when all processes ask the same."""
+        dist = torch.distributed
+        parts: list = [None] * dist.get_world_size(self._tp_group)
+        dist.all_gather_object(parts, (prompts, images, seeds, n, greedy), group=self._tp_group)
+        if any(part[3:] != (n, greedy) for part in parts):
+            raise RuntimeError(f"rollout.backend=vllm with tensor parallelism: the processes of one engine asked for "
+                               f"different sampling (n, greedy): {[part[3:] for part in parts]}")
+        if all(part[:3] == parts[0][:3] for part in parts):
+            return prompts, images, seeds, slice(0, len(prompts))
+        start = sum(len(part[0]) for part in parts[:dist.get_rank(self._tp_group)])
+        merged = [[x for part in parts for x in part[i]] for i in range(3)]
+        return merged[0], merged[1], merged[2], slice(start, start + len(prompts))
 
     # ------------------------------------------------------------------ weights
     @torch.no_grad()
@@ -349,8 +422,11 @@ class VLLMEngine(RolloutEngine):
             self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights),
                                                               "is_checkpoint_format": True})
             self.llm.apply_model(_refresh_tied_heads)
-            # Cached prefixes hold keys and values computed with the old weights.
+            # Cached prefixes hold keys and values computed with the old weights, cached image
+            # embeddings the old vision tower's output.
             self.llm.reset_prefix_cache()
+            if self.images:
+                self.llm.llm_engine.reset_encoder_cache()
         except Exception as exc:
             raise self._failed("syncing weights", exc) from exc
 

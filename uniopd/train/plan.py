@@ -37,6 +37,22 @@ def _describe(outputs: frozenset[str]) -> str:
     return " + ".join(sorted(outputs))
 
 
+def _check_engine_shards(cfg: RunConfig) -> None:
+    """A vLLM student engine sharded over processes (tensor parallelism) takes the trainer's processes."""
+    tp = cfg.rollout.vllm_tensor_parallel_size or 1
+    if tp == 1:
+        return
+    key = f"rollout.vllm_tensor_parallel_size={tp}"
+    if cfg.trainer.strategy != "data_parallel":
+        raise ConfigError(f"{key} shards the engine over the trainer's processes: use trainer.strategy=data_parallel "
+                          f"with a multiple of {tp} processes (uniopd train --nproc N)")
+    in_process = sorted(name for name, tcfg in cfg.teachers.items() if tcfg.backend == "vllm")
+    if in_process:
+        raise ConfigError(f"{key} with teachers.{in_process[0]}.backend=vllm: a process holds one vLLM parallel "
+                          f"layout, and the in-process teacher's engine is not sharded; serve the teacher "
+                          f"(teachers.{in_process[0]}.backend=remote, uniopd serve-teacher) or use backend=local")
+
+
 def plan_teachers(cfg: RunConfig) -> TeacherPlan:
     """Check every teacher's scorer against `loss.kind` and `logging.diagnostics`."""
     engine = engine_class(cfg.rollout.backend)
@@ -44,6 +60,7 @@ def plan_teachers(cfg: RunConfig) -> TeacherPlan:
         raise ConfigError(f"rollout.backend={cfg.rollout.backend!r} with trainer.strategy=data_parallel (or "
                           f"uniopd train --nproc > 1) is not supported: the engine runs in one process only; use "
                           f"rollout.backend=hf or vllm for data-parallel runs, or trainer.strategy=single")
+    _check_engine_shards(cfg)
     checked_engine_class(cfg.rollout)  # an unknown or misconfigured engine fails here too, before any model loads
     kind = loss_kind(cfg.loss.kind)
     alternatives = kind.teacher_outputs(cfg.loss)

@@ -253,6 +253,9 @@ class Trainer:
         indices = self.strategy.shard(self.sampler.next(self.cfg.rollout.prompts_per_step))
         batch, balance_metrics = self.collect(indices)
         timings["time/rollout"] = time.perf_counter() - t - balance_metrics["time/verify"]
+        if self.strategy.world_size > 1:  # online balancing's counts over every process's prompts
+            balance_metrics.update(self.strategy.reduce_sums(
+                {k: v for k, v in balance_metrics.items() if k.startswith("balance/")}))
         if not self.engine.support.trainer_logprobs:
             t = time.perf_counter()
             balance_metrics.update(self.recompute_old_logprobs(batch))
@@ -365,8 +368,13 @@ class Trainer:
         return bool(self.strategy.reduce_max(float(self._stop_signal is not None)))
 
     def evaluate(self) -> dict[str, float]:
+        # Process 0 evaluates; an engine spread over processes needs all of them to sample with it
+        # (each asks the same, so it samples once) and process 0's numbers are kept.
         with self.strategy.full_weights(self.student.model):
-            return self._evaluate() if self.strategy.is_main else {}
+            if self.strategy.is_main or self.engine.collective:
+                metrics = self._evaluate()
+                return metrics if self.strategy.is_main else {}
+            return {}
 
     def _evaluate(self) -> dict[str, float]:
         from uniopd.evaluate import evaluate_model
