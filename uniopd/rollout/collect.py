@@ -41,6 +41,8 @@ class ResponseVerifier:
     def __call__(self, records: list[PromptRecord], samples: list[Sample]) -> tuple[list[str], torch.Tensor,
                                                                                      torch.Tensor]:
         """(texts, correct_B bool, score_B float32) for one row per sample."""
+        if not samples:  # some tokenizers decode an empty batch as one empty text
+            return [], torch.zeros(0, dtype=torch.bool), torch.zeros(0, dtype=torch.float32)
         texts = self.tokenizer.batch_decode([s.response_ids for s in samples], skip_special_tokens=True)
         outcomes = verify_batch(texts, records, domain_defaults=self.domain_verifiers or None)
         return (texts, torch.tensor([o.correct for o in outcomes], dtype=torch.bool),
