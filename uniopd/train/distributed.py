@@ -64,8 +64,10 @@ class DataParallel(TrainingStrategy):
             raise ConfigError("trainer.strategy=data_parallel needs torchrun: `torchrun --nproc_per_node N -m uniopd "
                               "train ...` or `uniopd train --nproc N ...`")
         if not dist.is_initialized():
-            backend = "nccl" if torch.cuda.is_available() and os.environ.get("UNIOPD_DEVICE", "") != "cpu" else "gloo"
-            dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+            # On GPUs, NCCL for CUDA tensors and gloo for the small CPU tensors the metric and stop-signal
+            # reductions use (NCCL has no CPU backend).
+            gpu = torch.cuda.is_available() and os.environ.get("UNIOPD_DEVICE", "") != "cpu"
+            dist.init_process_group("cpu:gloo,cuda:nccl" if gpu else "gloo", timeout=timedelta(seconds=timeout_s))
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.sharding = sharding
         self.pads_micro_batches = sharding == "shard"
