@@ -182,3 +182,20 @@ def test_sigterm_to_the_launcher_saves_the_step_and_exits_like_one_process(setup
             job.kill()
     last = find_resumable(out)
     assert last is not None and int(last.name.split("_")[1]) == metric_rows(out)[-1]["step"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("sharding", ["replicate", "shard"])
+def test_on_a_gpu_a_data_parallel_run_steps_saves_and_resumes(setup, sharding):
+    """NCCL for the student's CUDA tensors, gloo for the CPU metric and stop-signal reductions:
+    one torchrun process on one GPU runs every collective a data-parallel step makes."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    root, args = setup
+    out = root / f"gpu_{sharding}"
+    gpu = args + ["trainer.device=cuda", f"trainer.student_sharding={sharding}", "trainer.save_every=2"]
+    train(gpu + ["trainer.steps=2"], out, torchrun=True)
+    train(gpu + ["trainer.steps=3"], out, torchrun=True, resume=True)
+    assert [r["step"] for r in metric_rows(out)] == [1, 2, 3]
