@@ -6,6 +6,8 @@ import os
 import threading
 import time
 
+from uniopd.rewards.sandbox import launcher_processes
+
 
 def processes_of_run(run_id: str) -> list[int]:
     """Live processes whose command line carries this run's tag."""
@@ -24,17 +26,7 @@ def processes_of_run(run_id: str) -> list[int]:
 
 
 def launchers_of_run(run_id: str) -> list[int]:
-    found = []
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                with open(f"/proc/{name}/cmdline", "rb") as f:
-                    args = f.read().split(b"\0")
-            except OSError:
-                continue
-            if any(a.endswith(b"sandbox_launcher.py") for a in args) and run_id.encode() in args:
-                found.append(int(name))
-    return found
+    return [pid for pid, args in launcher_processes() if run_id.encode() in args]
 
 
 def wait_until(predicate, seconds: float) -> bool:

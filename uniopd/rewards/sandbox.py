@@ -227,9 +227,9 @@ def _run_id_of(name: str) -> str | None:
     return rid if rid.isalnum() else None
 
 
-def _launcher_run_ids() -> set[str]:
-    """Run ids of the launchers (and their monitors) alive on this machine."""
-    ids = set()
+def launcher_processes() -> list[tuple[int, list[bytes]]]:
+    """(pid, argv) of every sandbox launcher (and monitor) process alive on this machine."""
+    found = []
     for name in os.listdir("/proc"):
         if name.isdigit():
             try:
@@ -237,9 +237,18 @@ def _launcher_run_ids() -> set[str]:
                     args = f.read().split(b"\0")
             except OSError:
                 continue
-            for i, a in enumerate(args):
-                if a.endswith(b"sandbox_launcher.py") and len(args) > i + 3:
-                    ids.add(args[i + 3].decode("utf-8", "replace"))
+            if any(a.endswith(b"sandbox_launcher.py") for a in args):
+                found.append((int(name), args))
+    return found
+
+
+def _launcher_run_ids() -> set[str]:
+    """Run ids of the launchers (and their monitors) alive on this machine."""
+    ids = set()
+    for _, args in launcher_processes():
+        for i, a in enumerate(args):
+            if a.endswith(b"sandbox_launcher.py") and len(args) > i + 3:
+                ids.add(args[i + 3].decode("utf-8", "replace"))
     return ids
 
 
