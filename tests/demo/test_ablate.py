@@ -67,6 +67,7 @@ def test_the_grid_runs_resumes_and_reports(tmp_path):
     runs = summary["settings"]["single"]["runs"]
     assert set(runs) == set(METHODS) and all(set(r) == {"0", "1"} for r in runs.values())
     assert "13 training run(s)" not in lines[0] and "12 training run(s) to do" in lines[0]
+    assert lines[1].startswith("2 model(s) not in ") and TINY.key("teacher") in lines[1]
     assert sum(line.startswith("[") for line in lines) == 14
     # Each method's switches reach its runs and only its runs.
     first = {m: json.loads(open(runs[m]["0"]["metrics_path"]).readline()) for m in runs if m != "student"}
@@ -90,7 +91,7 @@ def test_the_grid_runs_resumes_and_reports(tmp_path):
     # checkpoint): only that run is redone, from its checkpoint.
     lines.clear()
     Ablation(plan, out, cache_dir=tmp_path / "cache", progress=False, log=lines.append).run()
-    assert "0 training run(s) to do" in lines[0]
+    assert "0 training run(s) to do" in lines[0] and not any("not in " in line for line in lines)
     (out / "single" / "shift" / "seed1" / "result.json").unlink()
     lines.clear()
     again = Ablation(plan, out, cache_dir=tmp_path / "cache", progress=False, log=lines.append).run()

@@ -48,10 +48,11 @@ import torch
 from uniopd.data.loader import write_records
 from uniopd.demo.ablate_report import ablation_markdown, save_plots
 from uniopd.demo.build import (STUDENT, TEACHER, TinyModelSpec, build_model, default_cache_dir, heldout_records,
-                               mixed_records)
+                               is_built, mixed_records)
 from uniopd.demo.multi import EXPERTS, MIXED_STUDENT
 from uniopd.demo.run import accuracy_by_domain, demo_config
 from uniopd.report import read_run
+from uniopd.utils import atomic_write_text
 
 SHIFT = ("calibration.enabled=true", "calibration.method=shift", "calibration.delta=0.4", "calibration.mode=mean",
          "calibration.direction=both", "calibration.scope=group")
@@ -142,9 +143,7 @@ class AblationPlan:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 class Ablation:
@@ -168,6 +167,12 @@ class Ablation:
                                 for s, m, seed in todo)
         self.log(f"uniopd ablate: {len(plan.settings)} setting(s) x {len(plan.methods)} method(s) x "
                  f"{len(plan.seeds)} seed(s); {self.todo_trained} training run(s) to do; results in {self.out}")
+        to_build = self.models_to_build()
+        if to_build:
+            # The ETA printed after each run counts training runs only: a build stops on
+            # validation accuracy, so its time is not known in advance.
+            self.log(f"{len(to_build)} model(s) not in {self.cache_dir} yet, each built when its setting starts "
+                     f"(minutes each; not in the time left shown below): {', '.join(to_build)}")
         summary: dict[str, Any] = {"plan": {"settings": list(plan.settings), "methods": plan.methods,
                                             "seeds": plan.seeds, "build_seed": plan.build_seed,
                                             "steps": {s: self.steps(s) for s in plan.settings},
@@ -188,7 +193,7 @@ class Ablation:
         summary["seconds"] = time.perf_counter() - self.t0
         _write_json(self.out / "ablation.json", summary)
         table = ablation_markdown(summary)
-        (self.out / "ablation.md").write_text(table)
+        atomic_write_text(self.out / "ablation.md", table)
         plots = save_plots(summary, self.out / "plots")
         self.log("\n" + table)
         self.log(f"tables: {self.out / 'ablation.md'}, {self.out / 'ablation.json'}; plots: "
@@ -211,6 +216,15 @@ class Ablation:
                 raise AblationError(f"{self.out} holds runs of another budget ({diff}); use another --out")
         self.out.mkdir(parents=True, exist_ok=True)
         _write_json(path, budget)
+
+    def models_to_build(self) -> list[str]:
+        """Cache keys of the plan's models that are not built yet, each once."""
+        wanted = {}
+        for setting in self.plan.settings.values():
+            for kind, spec in [("teacher", s) for _, s in setting.teachers] + [("student", setting.student)]:
+                spec = self.plan.built(spec)
+                wanted[spec.key(kind)] = is_built(kind, spec, self.cache_dir)
+        return [key for key, built in wanted.items() if not built]
 
     def steps(self, setting: str) -> int:
         return self.plan.steps or self.plan.settings[setting].steps

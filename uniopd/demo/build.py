@@ -202,13 +202,19 @@ def sft_pairs(records: list[PromptRecord], tokenizer) -> list[tuple[list[int], l
              + [tokenizer.eos_token_id]) for r in records]
 
 
+def is_built(kind: str, spec: TinyModelSpec, cache_dir: Path) -> bool:
+    """Whether `build_model` would take this model from the cache."""
+    path = cache_dir / spec.key(kind)
+    return (path / "config.json").exists() and (path / "built.ok").exists()
+
+
 def build_model(kind: str, spec: TinyModelSpec, cache_dir: Path, *, progress: bool = True,
                 log=print) -> tuple[Path, bool]:
     """Directory of the built model; (path, True) when it came from the cache."""
     from uniopd.demo.tokenizer import char_tokenizer
 
     path = cache_dir / spec.key(kind)
-    if (path / "config.json").exists() and (path / "built.ok").exists():
+    if is_built(kind, spec, cache_dir):
         return path, True
     log(f"building the {kind} ({spec.layers} layers, width {spec.hidden}, {spec.sft_steps} SFT steps on "
         f"{' + '.join(spec.tasks)})...")
