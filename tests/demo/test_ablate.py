@@ -98,6 +98,13 @@ def test_the_grid_runs_resumes_and_reports(tmp_path):
     assert "1 training run(s) to do" in lines[0]
     assert any("single shift seed 1: resumed at step 2" in line for line in lines)
     assert again["settings"]["single"]["runs"]["shift"]["1"]["acc"] == runs["shift"]["1"]["acc"]
+    # A results directory moved elsewhere still draws its runs' curves, from their new place.
+    moved = tmp_path / "moved"
+    out.rename(moved)
+    again = Ablation(plan, moved, cache_dir=tmp_path / "cache", progress=False, log=lines.append).run()
+    metrics = moved / "single" / "opd" / "seed1" / "metrics.jsonl"
+    assert again["settings"]["single"]["runs"]["opd"]["1"]["metrics_path"] == str(metrics) and metrics.is_file()
+    out = moved
     # Another budget in the same directory would mix results that are not comparable.
     with pytest.raises(ValueError, match=r"another budget \(steps: None there, 3 now\); use another --out"):
         Ablation(replace(plan, steps=3), out, cache_dir=tmp_path / "cache", progress=False, log=lines.append).run()

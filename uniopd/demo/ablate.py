@@ -299,7 +299,11 @@ class Ablation:
     def _run_one(self, name: str, setting: Setting, ctx: dict[str, Any], method: str, seed: int) -> dict[str, Any]:
         result_path = self._result_path(name, method, seed)
         if result_path.exists():
-            return json.loads(result_path.read_text())
+            result = json.loads(result_path.read_text())
+            if "metrics_path" in result:
+                # The run's own curves, wherever the results directory has been moved or copied.
+                result["metrics_path"] = str(result_path.parent / "metrics.jsonl")
+            return result
         run_dir = result_path.parent
         run_dir.mkdir(parents=True, exist_ok=True)
         spec = METHODS[method]
