@@ -45,8 +45,12 @@ def test_the_page_overlays_every_runs_curves_and_diffs_their_configs(two_runs, t
     page = out.read_text()
     assert "http://" not in page and "https://" not in page and "<script" not in page  # nothing to fetch
     lines = _polylines(page)
-    for key in ("loss", "teacher_kl", "acc", "calib/order_consistency_rate", "diag/topk_overlap", "time/update"):
+    for key in ("loss", "teacher_kl", "acc", "diag/topk_overlap", "time/update"):
         assert len(lines[key]) == 2 and all(len(pts) == 3 for pts in lines[key]), key
+    # Order consistency is drawn at the steps that had a group with both outcomes, and only there.
+    rows = [[json.loads(line) for line in open(run / "metrics.jsonl")] for run in two_runs]
+    with_two = [sum(r["calib/num_two_outcome_groups"] > 0 for r in run_rows) for run_rows in rows]
+    assert [len(pts) for pts in lines.get("calib/order_consistency_rate", [])] == [n for n in with_two if n]
     # The plotted shape is the logged data: the loss chart's y order follows the loss values.
     losses = [json.loads(line)["loss"] for line in open(two_runs[0] / "metrics.jsonl")]
     ys = [y for _, y in lines["loss"][0]]
@@ -76,3 +80,25 @@ def test_the_page_renders_in_headless_chromium_without_console_errors(two_runs, 
     assert rendered == _polylines(out.read_text())  # every chart made it into the rendered page
     assert all(runs and all(len(p) == 3 for p in runs) for runs in rendered.values())
     assert all(len(rendered[key]) == 2 for key in ("loss", "teacher_kl", "diag/topk_overlap"))
+
+
+def test_margin_statistics_of_steps_without_a_two_outcome_group_are_not_drawn(tmp_path):
+    from uniopd.report import metric_value, render_report
+
+    run = tmp_path / "run"
+    run.mkdir()
+    rows = [{"step": 1, "loss": 0.5, "calib/num_two_outcome_groups": 2, "calib/order_consistency_rate": 0.5,
+             "calib/mean_margin": 0.1},
+            # No group with both outcomes: the logged 1.0 and 0.0 are placeholders.
+            {"step": 2, "loss": 0.4, "calib/num_two_outcome_groups": 0, "calib/order_consistency_rate": 1.0,
+             "calib/mean_margin": 0.0},
+            {"step": 3, "loss": 0.3, "calib/num_two_outcome_groups": 1, "calib/order_consistency_rate": 0.0,
+             "calib/mean_margin": -0.2}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert metric_value(rows[1], "calib/order_consistency_rate") is None
+    assert metric_value(rows[1], "loss") == 0.4 and metric_value({"loss": float("nan")}, "loss") is None
+    lines = _polylines(render_report([run]))
+    assert [len(pts) for pts in lines["loss"]] == [3]
+    # Steps 1 and 3 only: the two-point line runs from the top of the chart (0.5) to its bottom (0.0).
+    (x1, y1), (x3, y3) = lines["calib/order_consistency_rate"][0]
+    assert x1 < x3 and y1 < y3 and len(lines["calib/mean_margin"][0]) == 2

@@ -58,12 +58,30 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+# Defined over the groups that have both a correct and an incorrect rollout. A step with no
+# such group logs placeholders (rate 1.0, margin 0.0: nothing to violate), which a curve must
+# not draw: a student that stopped answering correctly would read as a teacher back in order.
+TWO_OUTCOME_KEYS = frozenset({"calib/order_consistency_rate", "calib/order_consistency_rate_after",
+                              "calib/mean_margin", "calib/mean_margin_after"})
+
+
+def metric_value(row: dict, key: str) -> float | None:
+    """The row's value of `key` as a curve reads it: None when absent, not finite, or a
+    two-outcome statistic of a step that had no two-outcome group."""
+    value = row.get(key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    if key in TWO_OUTCOME_KEYS and row.get("calib/num_two_outcome_groups") == 0:
+        return None
+    return float(value)
+
+
 def _series(rows: list[dict], key: str) -> list[tuple[float, float]]:
     points = []
     for row in rows:
-        value = row.get(key)
-        if isinstance(value, (int, float)) and math.isfinite(value) and isinstance(row.get("step"), (int, float)):
-            points.append((float(row["step"]), float(value)))
+        value = metric_value(row, key)
+        if value is not None and isinstance(row.get("step"), (int, float)):
+            points.append((float(row["step"]), value))
     return points
 
 

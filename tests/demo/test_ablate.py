@@ -157,3 +157,23 @@ def test_the_command_defaults_are_the_modules_tables():
     # The neighbour setting's teacher is the subtraction expert, routed the addition records.
     assert SETTINGS["neighbour"].teachers[0][0] == "addition"
     assert SETTINGS["neighbour"].teachers[0][1].tasks == ("subtraction",)
+
+
+def test_steps_without_a_two_outcome_group_are_left_out_of_consistency(tmp_path):
+    from uniopd.demo.ablate_report import _mean_curve
+
+    runs = []
+    for i, rates in enumerate(([0.5, None, 1.0], [0.25, 0.75, None])):  # None: no two-outcome group
+        run = tmp_path / f"seed{i}"
+        run.mkdir()
+        rows = [{"step": s + 1, "calib/num_two_outcome_groups": 0 if r is None else 3,
+                 "calib/order_consistency_rate": 1.0 if r is None else r} for s, r in enumerate(rates)]
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        runs.append({"metrics_path": str(run / "metrics.jsonl"), "first_step": rows[0] if i else {
+            "calib/num_two_outcome_groups": 0.0, "calib/order_consistency_rate": 1.0}})
+    # Step 1: (0.5 + 0.25) / 2; step 2: seed 1 alone; step 3: seed 0 alone.
+    steps, ys = _mean_curve(runs, "calib/order_consistency_rate")
+    assert steps == [1, 2, 3] and ys == pytest.approx([0.375, 0.75, 1.0])
+    assert _mean_curve(runs, "calib/order_consistency_rate", smooth=2)[1] == pytest.approx([0.375, 0.5625, 0.875])
+    # Seed 0's first step had no group with both outcomes: its 1.0 is no measurement.
+    assert first_step_consistency({"runs": {"opd": {"0": runs[0], "1": runs[1]}}}) == [0.25]

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from uniopd.algo.balance_plot import save_figure_png
-from uniopd.report import read_run
+from uniopd.report import metric_value, read_run
 
 LABELS = {"student": "student (before)", "opd": "OPD", "shift": "OPD + margin shift", "mask": "OPD + margin mask",
           "online": "OPD + online balancing", "offline": "OPD + offline balancing", "uniopd": "Uni-OPD (full)"}
@@ -48,8 +48,8 @@ def first_step_consistency(setting: dict[str, Any]) -> list[float]:
     method = "opd" if "opd" in runs else next((m for m in runs if m != "student"), None)
     if method is None:
         return []
-    return [r["first_step"]["calib/order_consistency_rate"] for r in runs[method].values()
-            if "calib/order_consistency_rate" in r.get("first_step", {})]
+    return [first["calib/order_consistency_rate"] for first in (r.get("first_step", {}) for r in runs[method].values())
+            if metric_value(first, "calib/order_consistency_rate") is not None]
 
 
 def ablation_markdown(summary: dict[str, Any]) -> str:
@@ -89,13 +89,11 @@ def _metrics(result: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _mean_curve(results: list[dict[str, Any]], key: str, smooth: int = 1) -> tuple[list[int], list[float]]:
-    """Mean over runs of `key` per step (steps every run logged), then a trailing moving average."""
-    per_run = [{row["step"]: row[key] for row in _metrics(r) if key in row} for r in results]
-    per_run = [c for c in per_run if c]
-    if not per_run:
-        return [], []
-    steps = sorted(set.intersection(*(set(c) for c in per_run)))
-    ys = [sum(c[s] for c in per_run) / len(per_run) for s in steps]
+    """Mean of `key` per step over the runs that have a value there (`metric_value`: a margin
+    statistic of a step without a two-outcome group has none), then a trailing moving average."""
+    per_run = [{row["step"]: v for row in _metrics(r) if (v := metric_value(row, key)) is not None} for r in results]
+    steps = sorted(set().union(*per_run))
+    ys = [sum(vals) / len(vals) for vals in ([c[s] for c in per_run if s in c] for s in steps)]
     if smooth > 1:
         ys = [sum(ys[max(0, i - smooth + 1): i + 1]) / (i + 1 - max(0, i - smooth + 1)) for i in range(len(ys))]
     return steps, ys
