@@ -26,6 +26,7 @@ from uniopd.demo.ablate import Ablation, AblationPlan
 from uniopd.demo.ablate_report import LABELS, _columns, _figure, _legend, first_step_consistency, mean_std
 from uniopd.utils import atomic_write_text
 
+
 def _cell(values: list[float]) -> dict[str, Any]:
     mean, std = mean_std(values)
     return {"per_build": values, "mean": mean, "std": std}
