@@ -102,3 +102,11 @@ def test_margin_statistics_of_steps_without_a_two_outcome_group_are_not_drawn(tm
     # Steps 1 and 3 only: the two-point line runs from the top of the chart (0.5) to its bottom (0.0).
     (x1, y1), (x3, y3) = lines["calib/order_consistency_rate"][0]
     assert x1 < x3 and y1 < y3 and len(lines["calib/mean_margin"][0]) == 2
+
+
+def test_runs_with_the_same_directory_name_are_told_apart_by_their_parents(tmp_path):
+    from uniopd.report import run_names
+
+    dirs = [tmp_path / "ablate" / m / "seed0" for m in ("opd", "shift")] + [tmp_path / "other" / "run"]
+    assert run_names(dirs) == ["opd/seed0", "shift/seed0", "other/run"]
+    assert run_names([tmp_path / "a", tmp_path / "b"]) == ["a", "b"]

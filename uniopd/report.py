@@ -143,9 +143,21 @@ table.diff{border-collapse:collapse}table.diff td,table.diff th{border:1px solid
 .legend span{display:inline-block;margin-right:16px}"""
 
 
+def run_names(run_dirs: list[Path]) -> list[str]:
+    """Each run's name for the legend: its directory name, or as many trailing path parts as
+    tell it apart from the others (runs/ablate/single/opd/seed0 and .../shift/seed0 read
+    opd/seed0 and shift/seed0)."""
+    parts = [Path(d).resolve().parts for d in run_dirs]
+    for k in range(1, max((len(p) for p in parts), default=1) + 1):
+        names = ["/".join(p[-k:]) for p in parts]
+        if len(set(names)) == len(names):
+            return names
+    return names
+
+
 def render_report(run_dirs: list[Path]) -> str:
     """The HTML page (a string) for these run directories."""
-    runs = [read_run(d) for d in run_dirs]
+    runs = [{**read_run(d), "name": name} for d, name in zip(run_dirs, run_names(run_dirs))]
     legend = "".join(f'<span><b style="color:{COLORS[i % len(COLORS)]}">&#9632;</b> {html.escape(r["name"])} '
                      f'({len(r["rows"])} steps)</span>' for i, r in enumerate(runs))
     charts = "".join(_chart(title, key, runs) for key, title in CURVES

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import replace
 
 import pytest
@@ -86,6 +87,13 @@ def test_the_grid_runs_resumes_and_reports(tmp_path):
     for png in ("accuracy", "order_consistency", "margins", "pass_rates"):
         assert (out / "plots" / f"{png}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((out / "ablation.json").read_text())["settings"]["single"]["offline_balance"]["0"]["prompts"]
+    # One HTML report per setting: seed 0 of each trained method, named by method, with the
+    # config keys that tell the methods apart.
+    page = (out / "single" / "report.html").read_text()
+    loss_chart = re.search(r'<svg class="plot" data-key="loss"[^>]*>(.*?)</svg>', page)[1]
+    assert loss_chart.count("<polyline") == len(METHODS) - 1
+    assert all(f"{m}/seed0 (2 steps)" in page for m in METHODS if m != "student") and "seed1" not in page
+    assert "<td>calibration.enabled</td>" in page and "<td>balance.online</td>" in page
 
     # Run again: nothing to train. Then lose one run's result (as if killed after its last
     # checkpoint): only that run is redone, from its checkpoint.

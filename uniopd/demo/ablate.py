@@ -51,7 +51,7 @@ from uniopd.demo.build import (STUDENT, TEACHER, TinyModelSpec, build_model, def
                                is_built, mixed_records)
 from uniopd.demo.multi import EXPERTS, MIXED_STUDENT
 from uniopd.demo.run import accuracy_by_domain, demo_config
-from uniopd.report import read_run
+from uniopd.report import read_run, render_report
 from uniopd.utils import atomic_write_text
 
 SHIFT = ("calibration.enabled=true", "calibration.method=shift", "calibration.delta=0.4", "calibration.mode=mean",
@@ -195,10 +195,23 @@ class Ablation:
         table = ablation_markdown(summary)
         atomic_write_text(self.out / "ablation.md", table)
         plots = save_plots(summary, self.out / "plots")
+        reports = [self._write_report(name) for name in plan.settings]
         self.log("\n" + table)
         self.log(f"tables: {self.out / 'ablation.md'}, {self.out / 'ablation.json'}; plots: "
-                 f"{', '.join(str(p) for p in plots)}  ({summary['seconds']:.0f}s in all)")
+                 f"{', '.join(str(p) for p in plots)}; reports: {', '.join(str(r) for r in reports if r)}  "
+                 f"({summary['seconds']:.0f}s in all)")
         return summary
+
+    def _write_report(self, setting: str) -> Path | None:
+        """OUT/<setting>/report.html (`uniopd report`): every trained method's run of the first
+        seed overlaid, with the config keys that tell the methods apart."""
+        seed = self.plan.seeds[0]
+        runs = [self._result_path(setting, m, seed).parent for m in self.plan.methods if METHODS[m].trains]
+        if not runs:
+            return None
+        path = self.out / setting / "report.html"
+        atomic_write_text(path, render_report(runs))
+        return path
 
     def _check_same_plan(self) -> None:
         """Results in one directory must share a budget: refuse to mix runs of another plan.
