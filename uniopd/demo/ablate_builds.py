@@ -116,7 +116,7 @@ def save_builds_plot(table: dict[str, Any], path: Path) -> Path:
         methods = [r for r in s["rows"] if not r.startswith("teacher:")]
         for i, m in enumerate(methods):
             cell = s["rows"][m][head]
-            ax.bar(i, cell["mean"], 0.6, yerr=cell["std"], color="lightsteelblue", capsize=3)
+            ax.bar(i, cell["mean"], 0.6, yerr=cell["std"], color="lightsteelblue", ecolor="grey", capsize=3)
             ax.plot([i] * len(cell["per_build"]), cell["per_build"], "o", color="black", ms=3,
                     label="one build" if i == 0 else None)
         ax.set_xticks(range(len(methods)), [LABELS.get(m, m).replace("OPD + ", "+ ") for m in methods],
