@@ -30,7 +30,7 @@ first step, before any update (`calib/order_consistency_rate` of that step).
 Every run lives in OUT/<setting>/<method>/seed<k>. A finished run writes `result.json` and
 is skipped when the command runs again; an interrupted one resumes from its last checkpoint.
 `ablation.md` / `ablation.json` hold the tables (mean ± sample std over seeds), `plots/` the
-PNGs. Teacher and student builds are cached like the demo's (`--build-seed` rebuilds them
+PNGs, `<setting>/report.html` the `uniopd report` page of each method's first-seed run. Teacher and student builds are cached like the demo's (`--build-seed` rebuilds them
 from another seed, so results can be read over builds as well as over OPD seeds).
 """
 
